@@ -1,0 +1,149 @@
+"""The MSA model: adapted image encoder + SAM prompt encoder + adapted mask decoder."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+import torch
+from segment_anything.modeling.prompt_encoder import PromptEncoder
+from torch import nn
+
+from .adapter import AdapterConfig
+
+# Parameter-name prefixes that learn; everything else (the backbone) stays frozen.
+# Adapters learn wherever they are; in the decoder, the second two-way block, the final
+# token-to-image attention and the whole mask head (tokens, upscaling, hypernetworks, IoU head).
+TRAINABLE_PREFIXES = (
+    "mask_decoder.transformer.layers.1.",
+    "mask_decoder.transformer.final_attn_token_to_image.",
+    "mask_decoder.transformer.norm_final_attn.",
+    "mask_decoder.iou_token.",
+    "mask_decoder.mask_tokens.",
+    "mask_decoder.output_upscaling.",
+    "mask_decoder.output_hypernetworks_mlps.",
+    "mask_decoder.iou_prediction_head.",
+)
+
+
+def is_trainable(name: str) -> bool:
+    """True for parameters that MSA trains: adapters, decoder block 2 and the mask head."""
+    return "_adapter." in name or name.startswith(TRAINABLE_PREFIXES)
+
+
+@dataclass(frozen=True)
+class MSAConfig:
+    """What a model is: backbone name, adapter shape, 2D or 3D, and input normalisation."""
+
+    backbone: str
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    three_d: bool = False
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MSA(nn.Module):
+    """Segment Anything with MSA adapters.
+
+    Images enter as float RGB in [0, 255], already resized and padded to img_size x img_size
+    (see msa.transforms); the model applies its backbone's pixel normalisation itself.
+    Prompts are in model input pixels: points (x, y), boxes (x0, y0, x1, y1).
+    """
+
+    def __init__(
+        self, image_encoder: nn.Module, prompt_encoder: PromptEncoder, mask_decoder: nn.Module, config: MSAConfig
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
+        self._backbone_hash: str | None = None
+        self.freeze_backbone()
+
+    @property
+    def img_size(self) -> int:
+        return self.image_encoder.img_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def freeze_backbone(self) -> None:
+        for name, param in self.named_parameters():
+            param.requires_grad_(is_trainable(name))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors an adapter file holds (adapters, decoder block 2, mask head)."""
+        return {k: v for k, v in self.state_dict().items() if is_trainable(k)}
+
+    def backbone_hash(self) -> str:
+        """SHA-256 of the frozen backbone's tensors: names an adapter file's backbone exactly."""
+        if self._backbone_hash is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.state_dict().items()):
+                if not is_trainable(name):
+                    digest.update(name.encode())
+                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._backbone_hash = digest.hexdigest()
+        return self._backbone_hash
+
+    def load_state_dict(self, *args, **kwargs):  # noqa: D102 - nn.Module's, plus cache upkeep
+        result = super().load_state_dict(*args, **kwargs)
+        self._backbone_hash = None
+        # TinyViT caches its attention biases in eval mode; rebuild them from the loaded weights.
+        self.train(self.training)
+        return result
+
+    def encode(self, images: torch.Tensor, depth: int = 1) -> torch.Tensor:
+        """images: (B*D, 3, S, S) in [0, 255], D consecutive slices per volume -> (B*D, C, h, w)."""
+        if depth < 1 or images.shape[0] % depth:
+            raise ValueError(f"batch of {images.shape[0]} slices does not split into volumes of depth {depth}")
+        if depth > 1 and not self.config.three_d:
+            depth = 1  # a 2D model treats every slice on its own
+        return self.image_encoder((images - self.pixel_mean) / self.pixel_std, depth)
+
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder, one prompt set per embedding (or many for one embedding).
+
+        points: (coords (B, N, 2) as (x, y), labels (B, N): 1 positive, 0 negative, -1 padding);
+        boxes: (B, 4); mask_inputs: (B, 1, 4h, 4w) logits of a previous prediction.
+        Returns low-resolution mask logits (B, M, 4h, 4w) and predicted IoU (B, M).
+        """
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
+        return self.mask_decoder(
+            image_embeddings=embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        depth: int = 1,
+        multimask_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decode(self.encode(images, depth), points, boxes, mask_inputs, multimask_output)
+
+
+def count_parameters(model: nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "trainable_fraction": trainable / total}
