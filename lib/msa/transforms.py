@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .errors import ImageError
 
 # --- intensity: everything leaves as float32 RGB-range values in [0, 255] ---------------------
+# Each preset fits a window (low, high) on an image, and apply_window maps it.
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,11 @@ class CTWindow:
     level: float = 40.0
     width: float = 400.0
 
+    def window(self, image: np.ndarray) -> tuple[float, float]:
+        return self.level - self.width / 2, self.level + self.width / 2
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        low = self.level - self.width / 2
-        return (np.clip((image - low) / self.width, 0.0, 1.0) * 255.0).astype(np.float32)
+        return apply_window(image, self.window(image))
 
 
 @dataclass(frozen=True)
@@ -37,18 +40,31 @@ class Percentiles:
     low: float = 0.5
     high: float = 99.5
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
+    def window(self, image: np.ndarray) -> tuple[float, float]:
         lo, hi = np.percentile(image, [self.low, self.high])
-        scale = hi - lo if hi > lo else 1.0
-        return (np.clip((image - lo) / scale, 0.0, 1.0) * 255.0).astype(np.float32)
+        return float(lo), float(hi)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return apply_window(image, self.window(image))
 
 
 @dataclass(frozen=True)
 class RGB:
     """8-bit photographs (fundus, dermoscopy): already in [0, 255]."""
 
+    def window(self, image: np.ndarray) -> tuple[float, float]:
+        return 0.0, 255.0
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        return np.clip(image, 0, 255).astype(np.float32)
+        return apply_window(image, self.window(image))
+
+
+def apply_window(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Linear map of [low, high] onto [0, 255], clipped. A preset's window is fitted on the whole
+    volume once (percentiles need all of it) and then applied slice by slice."""
+    low, high = window
+    scale = high - low if high > low else 1.0
+    return (np.clip((image - low) / scale, 0.0, 1.0) * 255.0).astype(np.float32)
 
 
 PRESETS = {"ct": CTWindow(), "mr": Percentiles(), "rgb": RGB()}

@@ -1,0 +1,154 @@
+"""The engine: one model, its embedding cache and its preprocessing, shared by every session.
+
+The image encoder is the expensive part (seconds per slice on a CPU); the prompt encoder and mask
+decoder are cheap. So the engine encodes each slice once (in 3D mode: each slab of slices, since
+the depth branch mixes them), keeps the embeddings in a byte-bounded LRU cache keyed by image
+content, and every prompt afterwards only runs the decoder.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .io import Volume
+from .modeling.msa import MSA
+from .transforms import PRESETS, SliceGeometry, apply_window, slice_to_rgb
+
+
+class EmbeddingCache:
+    """LRU mapping key -> tensor, bounded by the total bytes of the tensors it holds."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        if key in self._items:
+            self.bytes -= self._nbytes(self._items.pop(key))
+        self._items[key] = value
+        self.bytes += self._nbytes(value)
+        while self.bytes > self.max_bytes and len(self._items) > 1:
+            _, evicted = self._items.popitem(last=False)
+            self.bytes -= self._nbytes(evicted)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+    @staticmethod
+    def _nbytes(t: torch.Tensor) -> int:
+        return t.element_size() * t.nelement()
+
+
+class Engine:
+    """Encodes slices (cached) and decodes prompts on them, in image pixel coordinates.
+
+    slab_depth: in 3D mode (model.config.three_d), slices are encoded together in fixed slabs of
+    this many consecutive slices [0, D), [D, 2D), ...; the last slab may be shorter.
+    """
+
+    def __init__(self, model: MSA, cache_bytes: int = 2 << 30, slab_depth: int = 8, batch_size: int = 4,
+                 use_cache: bool = True) -> None:
+        self.model = model.eval()
+        self.cache = EmbeddingCache(cache_bytes)
+        self.slab_depth = slab_depth if model.config.three_d else 1
+        self.batch_size = batch_size
+        self.use_cache = use_cache
+        self.encoded_slices = 0  # how many slice encodings the encoder has run: tests and stats read it
+        self._windows: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    # -- preprocessing ---------------------------------------------------------------------------
+
+    def geometry(self, volume: Volume) -> SliceGeometry:
+        _, j, i = volume.voxels.shape[:3]
+        return SliceGeometry(height=j, width=i, target=self.model.img_size)
+
+    def model_input(self, volume: Volume, ks: list[int]) -> torch.Tensor:
+        """Slices ks -> (len(ks), 3, S, S) float in [0, 255]: intensity window, RGB, resize, pad."""
+        if volume.key not in self._windows:
+            self._windows[volume.key] = PRESETS[volume.modality].window(volume.voxels)
+        window = self._windows[volume.key]
+        geometry = self.geometry(volume)
+        slices = [slice_to_rgb(apply_window(volume.voxels[k], window)) for k in ks]
+        return geometry.image_to_model(torch.stack(slices))
+
+    # -- encoder ---------------------------------------------------------------------------------
+
+    def _units(self, volume: Volume, ks: list[int]) -> list[list[int]]:
+        """Group slices into encoder passes: whole slabs in 3D, batches of batch_size in 2D."""
+        depth = volume.voxels.shape[0]
+        if self.slab_depth > 1:
+            slabs = sorted({k // self.slab_depth for k in ks})
+            return [list(range(s * self.slab_depth, min((s + 1) * self.slab_depth, depth))) for s in slabs]
+        return [ks[n:n + self.batch_size] for n in range(0, len(ks), self.batch_size)]
+
+    @torch.no_grad()
+    def embeddings(self, volume: Volume, ks: list[int]) -> torch.Tensor:
+        """(len(ks), C, h, w) image embeddings of slices ks, encoding only those not cached."""
+        with self._lock:
+            found = {k: self.cache.get((volume.key, k)) for k in ks} if self.use_cache else {}
+            missing = [k for k in ks if found.get(k) is None]
+            for unit in self._units(volume, missing):
+                images = self.model_input(volume, unit).to(self.model.device)
+                out = self.model.encode(images, depth=len(unit) if self.slab_depth > 1 else 1)
+                self.encoded_slices += len(unit)
+                for k, emb in zip(unit, out):
+                    found[k] = emb
+                    if self.use_cache:
+                        self.cache.put((volume.key, k), emb)
+            return torch.stack([found[k] for k in ks])
+
+    # -- decoder ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(
+        self,
+        volume: Volume,
+        k: int,
+        points: list[tuple[float, float, int]] | None = None,
+        box: tuple[float, float, float, float] | None = None,
+        mask_input: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, float]:
+        """Mask logits (J, I) on slice k and the predicted IoU.
+
+        points: (x=i, y=j, label) with label 1 positive, 0 negative; box: (x0, y0, x1, y1) = (i0, j0, i1, j1);
+        mask_input: previous logits (J, I) on this slice, as SAM's dense prompt.
+        """
+        geometry = self.geometry(volume)
+        embedding = self.embeddings(volume, [k])
+        device = self.model.device
+        point_prompt = box_prompt = dense = None
+        if points:
+            xy = geometry.coords_to_model(np.array([[p[0], p[1]] for p in points], dtype=np.float32))
+            labels = torch.tensor([[float(p[2]) for p in points]])
+            point_prompt = (xy[None].to(device), labels.to(device))
+        if box is not None:
+            box_prompt = geometry.boxes_to_model(np.array(box, dtype=np.float32))[None].to(device)
+        if mask_input is not None:
+            side = self.model.prompt_encoder.mask_input_size[0]
+            logits = torch.as_tensor(mask_input, dtype=torch.float32)[None, None]
+            dense = geometry.mask_to_model(logits, side).to(device)
+        # One click alone is ambiguous: ask for three masks and keep the one the model trusts most.
+        multimask = box is None and mask_input is None and points is not None and len(points) == 1
+        low_res, iou = self.model.decode(embedding, point_prompt, box_prompt, dense, multimask_output=multimask)
+        best = int(iou[0].argmax())
+        logits = geometry.logits_to_image(low_res[:, best:best + 1].float().cpu())[0, 0]
+        return logits.numpy(), float(iou[0, best])

@@ -1,0 +1,166 @@
+"""Reading images and writing label files on the image's own voxel grid.
+
+Everything goes through SimpleITK (ITK's readers: NIfTI, NRRD, MHA, DICOM series folders, PNG,
+JPEG), so a label file we write has the input's exact geometry (origin, spacing, direction) and
+any viewer overlays it in place. Voxel indices [i, j, k] are ITK's; the numpy array is ITK's
+(k, j, i) order, so slice k is array[k] with rows j and columns i, i.e. SAM's (x, y) = (i, j).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import ImageError
+
+RGB_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class Volume:
+    """An image as (K, J, I) raw intensities, or (1, J, I, 3) for a colour photograph."""
+
+    voxels: np.ndarray
+    geometry: sitk.Image = field(repr=False)  # the voxel grid: size, origin, spacing, direction
+    modality: str  # "ct", "mr" or "rgb"
+    source: str = ""
+    _key: str | None = field(default=None, repr=False)
+
+    @property
+    def shape_ijk(self) -> tuple[int, int, int]:
+        k, j, i = self.voxels.shape[:3]
+        return i, j, k
+
+    @property
+    def is_rgb(self) -> bool:
+        return self.voxels.ndim == 4
+
+    @property
+    def key(self) -> str:
+        """Content hash: names the image in embedding caches."""
+        if self._key is None:
+            digest = hashlib.sha1(str(self.voxels.shape).encode())
+            digest.update(np.ascontiguousarray(self.voxels).tobytes())
+            self._key = digest.hexdigest()
+        return self._key
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        series = reader.GetGDCMSeriesIDs(str(path))
+        if not series:
+            raise ImageError(f"no DICOM series in folder {path}")
+        if len(series) > 1:
+            raise ImageError(f"{path} holds {len(series)} DICOM series; point to a folder with one")
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+        reader.MetaDataDictionaryArrayUpdateOn()
+        reader.LoadPrivateTagsOn()
+        image = reader.Execute()
+        modality = reader.GetMetaData(0, "0008|0060").strip() if reader.HasMetaDataKey(0, "0008|0060") else ""
+        image.SetMetaData("msa_modality", modality)
+        return image
+    return sitk.ReadImage(str(path))
+
+
+def load_image(path: str | Path, modality: str | None = None) -> Volume:
+    """Open an image file or DICOM folder; `modality` ("ct" | "mr" | "rgb") overrides detection."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"image not found: {path}")
+    try:
+        image = _read_sitk(path)
+    except ImageError:
+        raise
+    except Exception as exc:  # ITK's message is long and multi-line; keep its gist
+        raise ImageError(f"cannot read image {path}: not a readable image or DICOM series") from exc
+
+    voxels = sitk.GetArrayFromImage(image)
+    channels = image.GetNumberOfComponentsPerPixel()
+    if image.GetDimension() == 2:
+        voxels = voxels[None]  # one slice
+    elif image.GetDimension() != 3:
+        raise ImageError(f"{path} is {image.GetDimension()}D; MSA segments 2D and 3D images")
+    if channels not in (1, 3):
+        raise ImageError(f"{path} has {channels} components per voxel; use a grey or RGB image")
+    if voxels.size == 0 or min(voxels.shape[:3]) == 0:
+        raise ImageError(f"{path} is empty (shape {voxels.shape})")
+    voxels = voxels.astype(np.float32)
+    if not np.isfinite(voxels).all():
+        raise ImageError(f"{path} contains NaN or infinite values")
+
+    if modality is None:
+        if channels == 3:
+            modality = "rgb"
+        elif image.HasMetaDataKey("msa_modality") and image.GetMetaData("msa_modality"):
+            modality = "ct" if image.GetMetaData("msa_modality").upper() == "CT" else "mr"
+        else:
+            # CT stores Hounsfield units: air is about -1000. MR and other grey images have no negatives.
+            modality = "ct" if voxels.min() <= -500 else "mr"
+    if modality == "rgb" and channels != 3:
+        voxels = np.repeat(voxels[..., None], 3, axis=-1)
+    elif modality != "rgb" and channels == 3:
+        raise ImageError(f"{path} is a colour image; use modality 'rgb'")
+
+    geometry = sitk.Image(image.GetSize(), sitk.sitkUInt8)  # the grid only: one byte a voxel
+    geometry.CopyInformation(image)
+    return Volume(voxels=voxels, geometry=geometry, modality=modality, source=str(path))
+
+
+def label_image(labels: np.ndarray, volume: Volume) -> sitk.Image:
+    """(K, J, I) label array -> an ITK image with the volume's geometry."""
+    if labels.shape != volume.voxels.shape[:3]:
+        raise ValueError(f"labels {labels.shape} do not match image {volume.voxels.shape[:3]}")
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    if volume.geometry.GetDimension() == 2:
+        image = sitk.GetImageFromArray(labels[0].astype(dtype))
+    else:
+        image = sitk.GetImageFromArray(labels.astype(dtype))
+    image.CopyInformation(volume.geometry)
+    return image
+
+
+def save_labels(labels: np.ndarray, volume: Volume, path: str | Path) -> Path:
+    """Write a label file on the volume's grid, atomically (temp file in the same folder + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = label_image(labels, volume)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=True)
+        os.replace(tmp, path)
+    except Exception as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise ImageError(f"cannot write {path}: {exc}") from exc
+    return path
+
+
+def load_labels(path: str | Path, volume: Volume) -> np.ndarray:
+    """A label file on the volume's grid -> (K, J, I) int array (same voxel grid required)."""
+    path = Path(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except Exception as exc:
+        raise ImageError(f"cannot read label file {path}") from exc
+    labels = sitk.GetArrayFromImage(image)
+    if image.GetDimension() == 2:
+        labels = labels[None]
+    if labels.shape != volume.voxels.shape[:3]:
+        raise ImageError(f"label file {path} has shape {labels.shape}, image has {volume.voxels.shape[:3]}")
+    return labels.astype(np.int64)
+
+
+def resample_labels_to(labels_path: str | Path, volume: Volume) -> np.ndarray:
+    """A label file on ANY grid, resampled (nearest neighbour, by world coordinates) onto the volume's grid."""
+    image = sitk.ReadImage(str(labels_path))
+    out = sitk.Resample(image, volume.geometry, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
+    labels = sitk.GetArrayFromImage(out)
+    return (labels[None] if out.GetDimension() == 2 else labels).astype(np.int64)
