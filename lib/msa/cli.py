@@ -23,11 +23,138 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_point(text: str) -> tuple[tuple[float, float, float], bool]:
+    parts = [p.strip() for p in text.split(",")]
+    sign = parts.pop() if len(parts) == 4 else "+"
+    if len(parts) != 3 or sign not in ("+", "-"):
+        raise MSAError(f"--point {text!r}: expected i,j,k,+ or i,j,k,-")
+    try:
+        return tuple(float(p) for p in parts), sign == "+"
+    except ValueError:
+        raise MSAError(f"--point {text!r}: i, j and k must be numbers") from None
+
+
+def _parse_roi(text: str) -> list[float]:
+    try:
+        roi = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise MSAError(f"--roi {text!r}: expected six numbers i0,i1,j0,j1,k0,k1") from None
+    if len(roi) != 6:
+        raise MSAError(f"--roi {text!r}: expected six numbers i0,i1,j0,j1,k0,k1")
+    return roi
+
+
+def _engine(args: argparse.Namespace):
+    """The model the options name: backbone, checkpoint, adapters (default: the shipped ones)."""
+    from .engine import Engine
+    from .modeling.build import build_model, default_adapters
+
+    adapters = None if args.no_adapters else (args.adapters or default_adapters(args.backbone, args.three_d))
+    model = build_model(args.backbone, checkpoint=args.checkpoint, adapters=adapters, three_d=args.three_d,
+                        device=args.device)
+    return Engine(model, progress=True)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .io import load_image, save_labels
+    from .session import Session
+
+    prompts = [_parse_point(p) for p in args.point]
+    roi = _parse_roi(args.roi) if args.roi else None
+    if not prompts and roi is None:
+        raise MSAError("give at least one --point or an --roi")
+    volume = load_image(args.image, modality=args.modality)
+    session = Session(_engine(args), volume)
+    if roi is not None:
+        session.add_roi(roi, label=args.label, propagate=not args.no_propagate)
+    for ijk, positive in prompts:
+        session.add_point(ijk, positive=positive, label=args.label, propagate=not args.no_propagate)
+    labels = session.label_map()
+    save_labels(labels, volume, args.output)
+    print(f"wrote {args.output}: label {args.label}, {int((labels == args.label).sum())} voxels "
+          f"on {int((labels == args.label).any(axis=(1, 2)).sum())} slices")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data import load_cases
+    from .evaluate import evaluate, markdown_table
+
+    cases = load_cases(args.data, split=args.split)
+    report = Path(args.report) if args.report else None
+    summary = evaluate(_engine(args), cases, args.prompt, labels=args.labels, noc=args.noc, report_dir=report)
+    print(json.dumps(summary, indent=1) if args.json else markdown_table(summary))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import latency
+    from .data import sample_ct
+    from .io import load_image, load_labels
+
+    if args.image:
+        volume, reference = load_image(args.image), None
+    else:
+        image, labels = sample_ct()
+        volume = load_image(image)
+        reference = load_labels(labels, volume)
+    engine = _engine(args)
+    engine.progress = False
+    result = latency(engine, volume, reference, clicks=args.clicks)
+    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    from .modeling.build import BACKBONES
+
+    parser.add_argument("--backbone", default="lite_medsam", choices=sorted(BACKBONES))
+    parser.add_argument("--checkpoint", help="backbone weights file (default for lite_medsam: the bundled one)")
+    parser.add_argument("--adapters", help="adapter file (default: the adapters shipped for the backbone)")
+    parser.add_argument("--no-adapters", action="store_true", help="the backbone alone (zero adapters)")
+    parser.add_argument("--three-d", action="store_true", help="3D depth branch: encode slabs of slices together")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluate import PROTOCOLS
     from .modeling.build import BACKBONES
 
     parser = argparse.ArgumentParser(prog="msa", description="Medical SAM Adapter: interactive medical segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    segment = commands.add_parser("segment", help="segment an image from clicks and/or an ROI, write a label file")
+    segment.add_argument("image", help="NIfTI / NRRD file, DICOM series folder, or PNG / JPEG")
+    segment.add_argument("-o", "--output", required=True, help="label file to write (.nii.gz, .nrrd, .png ...)")
+    segment.add_argument("--point", action="append", default=[], metavar="i,j,k,+|-",
+                         help="a click in voxel indices; + positive (default), - negative; repeatable")
+    segment.add_argument("--roi", metavar="i0,i1,j0,j1,k0,k1", help="a 3D box in voxel indices (k0 == k1: 2D box)")
+    segment.add_argument("--label", type=int, default=1, help="label value written (default 1)")
+    segment.add_argument("--modality", choices=["ct", "mr", "rgb"], help="intensity preset (default: detected)")
+    segment.add_argument("--no-propagate", action="store_true", help="segment the prompted slices only")
+    _model_options(segment)
+    segment.set_defaults(func=_cmd_segment)
+
+    evaluate = commands.add_parser("eval", help="Dice / IoU / HD95 under a prompting protocol")
+    evaluate.add_argument("data", help="IMAGE:LABELS, a folder of pairs, or an MSD-style datalist JSON")
+    evaluate.add_argument("--prompt", default="box", choices=PROTOCOLS)
+    evaluate.add_argument("--labels", help="comma-separated label names or ids (default: all present)")
+    evaluate.add_argument("--split", help="datalist key (default: validation if present, else training)")
+    evaluate.add_argument("--noc", action="store_true", help="also NoC@85 / NoC@90 (click protocols)")
+    evaluate.add_argument("--report", metavar="DIR", help="write report.md and overlay PNGs here")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    _model_options(evaluate)
+    evaluate.set_defaults(func=_cmd_eval)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench.add_argument("name", choices=["latency"])
+    bench.add_argument("image", nargs="?", help="image to time (default: the sample CT)")
+    bench.add_argument("--clicks", type=int, default=5, help="clicks averaged per measurement")
+    bench.add_argument("--json", action="store_true")
+    _model_options(bench)
+    bench.set_defaults(func=_cmd_bench)
 
     params = commands.add_parser("params", help="count total and trainable parameters of a backbone with adapters")
     params.add_argument("--backbone", default="lite_medsam", choices=sorted(BACKBONES))

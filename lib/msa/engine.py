@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .io import Volume
 from .modeling.msa import MSA
@@ -65,12 +66,13 @@ class Engine:
     """
 
     def __init__(self, model: MSA, cache_bytes: int = 2 << 30, slab_depth: int = 8, batch_size: int = 4,
-                 use_cache: bool = True) -> None:
+                 use_cache: bool = True, progress: bool = False) -> None:
         self.model = model.eval()
         self.cache = EmbeddingCache(cache_bytes)
         self.slab_depth = slab_depth if model.config.three_d else 1
         self.batch_size = batch_size
         self.use_cache = use_cache
+        self.progress = progress  # a progress bar when one call encodes several batches
         self.encoded_slices = 0  # how many slice encodings the encoder has run: tests and stats read it
         self._windows: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
@@ -106,7 +108,8 @@ class Engine:
         with self._lock:
             found = {k: self.cache.get((volume.key, k)) for k in ks} if self.use_cache else {}
             missing = [k for k in ks if found.get(k) is None]
-            for unit in self._units(volume, missing):
+            units = self._units(volume, missing)
+            for unit in tqdm(units, desc="encoding", unit="pass", disable=not self.progress or len(units) < 2):
                 images = self.model_input(volume, unit).to(self.model.device)
                 out = self.model.encode(images, depth=len(unit) if self.slab_depth > 1 else 1)
                 self.encoded_slices += len(unit)

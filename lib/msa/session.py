@@ -108,6 +108,8 @@ class Session:
             del track.seeds[k]
         mid = (k0 + k1) // 2
         track.seeds.setdefault(mid, SeedPrompt()).box = (i0, j0, i1, j1)
+        if propagate:  # encode the ROI's slices in batches up front rather than one by one
+            self.engine.embeddings(self.volume, list(range(k0, k1 + 1)))
         self._run(track, propagate)
 
     def add_mask(self, mask: np.ndarray, label: int = 1) -> None:

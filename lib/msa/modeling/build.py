@@ -153,6 +153,15 @@ def build_model(
     return model
 
 
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent.parent / "weights"
+
+
+def default_adapters(name: str, three_d: bool = False) -> Path | None:
+    """The adapter file shipped for a backbone (trained by `msa train`, see README), if any."""
+    path = SHIPPED_ADAPTERS / f"{name}{'_3d' if three_d else ''}_adapters.pt"
+    return path if path.is_file() else None
+
+
 def _spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise MSAError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

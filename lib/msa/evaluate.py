@@ -1,0 +1,167 @@
+"""`msa eval`: segmentation quality under a fixed prompting protocol, with a report a person can read.
+
+Protocols
+- box:      every axial slice holding the structure, prompted with its tight bounding box;
+- click1:   the same slices, one positive click at the structure's interior-most pixel;
+- click3:   click1 plus two corrective clicks, each at the centre of the largest error region;
+- roi:      the structure's 3D bounding box, propagated through the volume (3D Dice);
+- 3d-click: one click at the structure's interior-most voxel, propagated (3D Dice).
+2D protocols score each slice and average over slices; 3D ones score each volume.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from . import metrics
+from .data import Case, select_labels
+from .engine import Engine
+from .errors import MSAError
+from .io import load_image, resample_labels_to
+from .overlay import save_overlay
+from .session import Session
+
+PROTOCOLS = ("box", "click1", "click3", "roi", "3d-click")
+MIN_SLICE_VOXELS = 10  # smaller cross-sections are the structure's tips: too few pixels to score
+
+
+def interior_point(mask: np.ndarray) -> tuple[int, ...]:
+    """The voxel farthest from the mask's border (the simulated user's first click)."""
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[tuple(slice(1, -1) for _ in mask.shape)]
+    return tuple(int(v) for v in np.unravel_index(np.argmax(depth), mask.shape))
+
+
+def _worst_hd95(shape: tuple[int, ...], spacing: tuple[float, ...]) -> float:
+    """HD95 of an empty prediction: the image diagonal (keeps means finite and JSON valid)."""
+    return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
+
+
+def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> dict[str, float]:
+    out = metrics.scores(pred, ref, spacing)
+    if not math.isfinite(out["hd95"]):
+        out["hd95"] = _worst_hd95(ref.shape, spacing)
+    return out
+
+
+class _SliceClicker:
+    """Simulated clicks on one slice: keeps the click list, returns the engine's mask after each."""
+
+    def __init__(self, engine: Engine, volume, k: int) -> None:
+        self.engine, self.volume, self.k, self.points = engine, volume, k, []
+
+    def __call__(self, index: tuple[int, int], positive: bool) -> np.ndarray:
+        j, i = index
+        self.points.append((float(i), float(j), 1 if positive else 0))
+        logits, _ = self.engine.predict(self.volume, self.k, points=self.points)
+        return logits > 0
+
+
+def evaluate(
+    engine: Engine,
+    cases: list[Case],
+    protocol: str,
+    labels: str | None = None,
+    noc: bool = False,
+    report_dir: Path | None = None,
+    overlays_per_case: int = 4,
+) -> dict:
+    """Score `protocol` on every case and label; returns the JSON-ready summary."""
+    if protocol not in PROTOCOLS:
+        raise MSAError(f"unknown prompt protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    per_label: dict[str, list[dict]] = {}
+    overlays: list[str] = []
+    for case in cases:
+        volume = load_image(case.image)
+        ref_map = resample_labels_to(case.labels, volume)  # by world coordinates: any orientation
+        chosen = select_labels(labels, case, set(np.unique(ref_map).tolist()))
+        spacing_kji = tuple(reversed(volume.geometry.GetSpacing()))
+        if protocol in ("box", "click1", "click3"):
+            slices = sorted({k for label in chosen for k in np.nonzero(
+                (ref_map == label).sum(axis=(1, 2)) >= MIN_SLICE_VOXELS)[0].tolist()})
+            engine.embeddings(volume, slices)  # all at once, in batches, with a progress bar
+        shown = 0
+        for label, name in tqdm(chosen.items(), desc=case.name, unit="label", disable=not engine.progress):
+            ref = ref_map == label
+            if protocol in ("roi", "3d-click"):
+                session = Session(engine, volume)
+                if protocol == "roi":
+                    kk, jj, ii = np.nonzero(ref)
+                    session.add_roi([ii.min(), ii.max(), jj.min(), jj.max(), kk.min(), kk.max()], label=label)
+                    clicks = []
+                else:
+                    k, j, i = interior_point(ref)
+                    session.add_point((i, j, k), label=label)
+                    clicks = [(i, j, k, 1)]
+                pred = session.mask(label)
+                per_label.setdefault(name, []).append(_score(pred, ref, spacing_kji))
+                if report_dir is not None and shown < overlays_per_case:
+                    k = interior_point(ref)[0]
+                    overlays.append(str(save_overlay(
+                        report_dir / f"{case.name}_{name}_k{k}.png", volume, k, ref[k], pred[k],
+                        [c[:2] + (c[3],) for c in clicks if c[2] == k], box=session.tracks[label].boxes.get(k))))
+                    shown += 1
+                continue
+            for k in np.nonzero(ref.sum(axis=(1, 2)) >= MIN_SLICE_VOXELS)[0]:
+                ref_k = ref[k]
+                row = {}
+                box = None
+                if protocol == "box":
+                    jj, ii = np.nonzero(ref_k)
+                    box = (ii.min(), jj.min(), ii.max(), jj.max())
+                    pred = engine.predict(volume, k, box=box)[0] > 0
+                    points = []
+                else:
+                    clicker = _SliceClicker(engine, volume, k)
+                    pred = clicker(interior_point(ref_k), True)
+                    for _ in range(2 if protocol == "click3" else 0):
+                        spot = metrics.next_click(pred, ref_k)
+                        if spot is None:
+                            break
+                        pred = clicker(*spot)
+                    points = clicker.points
+                    if noc:
+                        for target in (85, 90):
+                            row[f"noc{target}"] = metrics.number_of_clicks(
+                                _SliceClicker(engine, volume, k), ref_k, target / 100)
+                row.update(_score(pred, ref_k, spacing_kji[1:]))
+                per_label.setdefault(name, []).append(row)
+                if report_dir is not None and shown < overlays_per_case and k == interior_point(ref)[0]:
+                    overlays.append(str(save_overlay(report_dir / f"{case.name}_{name}_k{k}.png", volume, k,
+                                                     ref_k, pred, points, box=box)))
+                    shown += 1
+    summary = _summarise(protocol, per_label, len(cases))
+    summary["encoded_slices"] = engine.encoded_slices
+    if report_dir is not None:
+        summary["overlays"] = overlays
+        (report_dir / "report.md").write_text(markdown_table(summary))
+    return summary
+
+
+def _summarise(protocol: str, per_label: dict[str, list[dict]], n_cases: int) -> dict:
+    table = {}
+    for name, rows in per_label.items():
+        table[name] = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+        table[name]["n"] = len(rows)
+    if not table:
+        raise MSAError("no structure to evaluate: the chosen labels are absent or too small")
+    out = {"protocol": protocol, "cases": n_cases, "per_label": table}
+    for key in ("dice", "iou", "hd95", "noc85", "noc90"):
+        if key in next(iter(table.values())):
+            out[f"mean_{key}"] = float(np.mean([row[key] for row in table.values()]))
+    return out
+
+
+def markdown_table(summary: dict) -> str:
+    keys = [k for k in ("dice", "iou", "hd95", "noc85", "noc90") if f"mean_{k}" in summary]
+    lines = [f"Protocol `{summary['protocol']}`, {summary['cases']} case(s); "
+             f"n = {'slices' if summary['protocol'] in ('box', 'click1', 'click3') else 'volumes'}.", "",
+             "| label | " + " | ".join(keys) + " | n |", "|---" * (len(keys) + 2) + "|"]
+    for name, row in summary["per_label"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + f" | {row['n']} |")
+    lines.append("| **mean** | " + " | ".join(f"**{summary[f'mean_{k}']:.3f}**" for k in keys) + " | |")
+    return "\n".join(lines) + "\n"
