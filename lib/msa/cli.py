@@ -107,6 +107,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_cases, select_labels
+    from .trainers import TrainConfig, init_distributed, train
+
+    init_distributed()
+    cases = load_cases(args.data, split=args.split)
+    labels = None
+    if args.labels:
+        import numpy as np
+
+        from .io import load_image, resample_labels_to
+
+        case = cases[0]
+        present = set(np.unique(resample_labels_to(case.labels, load_image(case.image))).tolist())
+        labels = sorted(select_labels(args.labels, case, present))
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         eval_every=args.eval_every, labels=labels)
+    val_cases = load_cases(args.val) if args.val else None
+    args.no_adapters = not args.adapters  # start from the backbone alone unless told to continue some adapters
+    engine = _engine(args)
+    stats = train(engine, cases, args.out, config, val_cases=val_cases, resume=not args.restart)
+    best = max(stats["history"], key=lambda r: (r["dice_click1"] + r["dice_box"]) / 2) if stats["history"] else {}
+    print(json.dumps({"adapters": stats["adapters"], "steps": stats["steps"], "best": best}))
+    return 0
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     from .modeling.build import BACKBONES
 
@@ -147,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     _model_options(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
+
+    trainer = commands.add_parser("train", help="fine-tune the adapters with simulated clicks and boxes")
+    trainer.add_argument("data", help="IMAGE:LABELS, a folder of pairs, or an MSD-style datalist JSON")
+    trainer.add_argument("--out", required=True, help="adapter file to write (best validation score)")
+    trainer.add_argument("--val", help="validation DATA (default: every 5th slice of DATA held out)")
+    trainer.add_argument("--labels", help="comma-separated label names or ids (default: all present)")
+    trainer.add_argument("--split", help="datalist key (default: validation if present, else training)")
+    trainer.add_argument("--steps", type=int, default=300)
+    trainer.add_argument("--batch-size", type=int, default=8)
+    trainer.add_argument("--lr", type=float, default=1e-4)
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.add_argument("--eval-every", type=int, default=50)
+    trainer.add_argument("--restart", action="store_true", help="ignore a saved state and start over")
+    _model_options(trainer)
+    trainer.set_defaults(func=_cmd_train)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench.add_argument("name", choices=["latency"])

@@ -73,6 +73,9 @@ class Engine:
         self.batch_size = batch_size
         self.use_cache = use_cache
         self.progress = progress  # a progress bar when one call encodes several batches
+        # SAM answers a lone click with three candidate masks and we keep the most confident; MSA
+        # adapters are trained on the single-mask output, so with adapters loaded we use that one.
+        self.multimask_single_click = model.adapters_meta is None
         self.encoded_slices = 0  # how many slice encodings the encoder has run: tests and stats read it
         self._windows: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
@@ -150,7 +153,8 @@ class Engine:
             logits = torch.as_tensor(mask_input, dtype=torch.float32)[None, None]
             dense = geometry.mask_to_model(logits, side).to(device)
         # One click alone is ambiguous: ask for three masks and keep the one the model trusts most.
-        multimask = box is None and mask_input is None and points is not None and len(points) == 1
+        multimask = (self.multimask_single_click and box is None and mask_input is None
+                     and points is not None and len(points) == 1)
         low_res, iou = self.model.decode(embedding, point_prompt, box_prompt, dense, multimask_output=multimask)
         best = int(iou[0].argmax())
         logits = geometry.logits_to_image(low_res[:, best:best + 1].float().cpu())[0, 0]

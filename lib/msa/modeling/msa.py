@@ -64,6 +64,7 @@ class MSA(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
         self._backbone_hash: str | None = None
+        self.adapters_meta: dict | None = None  # metadata of the adapter file loaded, if any
         self.freeze_backbone()
 
     @property

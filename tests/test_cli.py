@@ -1,0 +1,66 @@
+"""The `msa` command line: `msa params` and its error contract (exit 2, one line on stderr)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def msa_command() -> list[str]:
+    """The installed console script next to this interpreter, else `python -m msa.cli`."""
+    script = Path(sys.executable).parent / "msa"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "msa.cli"]
+
+
+def run_msa(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*msa_command(), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
+def test_params_vit_b_within_the_papers_budget(three_d):
+    """MSA on ViT-B trains under 5% of the parameters, in 2D and with the 3D depth branch."""
+    result = run_msa("params", "--backbone", "vit_b", "--json", *(["--three-d"] if three_d else []))
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout)
+    print("vit_b", "3D" if three_d else "2D", counts)
+    assert set(counts) == {"total", "trainable", "trainable_fraction"}
+    assert counts["total"] > 9e7
+    assert 0 < counts["trainable_fraction"] < 0.05
+    assert counts["trainable_fraction"] == pytest.approx(counts["trainable"] / counts["total"])
+
+
+def test_params_lite_medsam_is_reported():
+    """lite_medsam's counts are printed (its decoder, trained in full, dominates a small model)."""
+    result = run_msa("params", "--backbone", "lite_medsam", "--json")
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout)
+    print("lite_medsam 2D", counts)
+    assert 9e6 < counts["total"] < 1.1e7
+    assert 0 < counts["trainable"] < counts["total"]
+
+
+def test_params_same_numbers_as_the_library(capsys):
+    """The CLI's numbers are count_parameters of the built model (3D vit_tiny, through main())."""
+    import msa
+    from msa.cli import main
+
+    assert main(["params", "--backbone", "vit_tiny", "--three-d", "--json"]) == 0
+    expected = msa.count_parameters(msa.build_model("vit_tiny", three_d=True, pretrained=False))
+    assert json.loads(capsys.readouterr().out) == expected
+    assert main(["params", "--backbone", "vit_tiny"]) == 0
+    assert capsys.readouterr().out.startswith("vit_tiny: ")
+
+
+def test_unknown_backbone_is_a_one_line_error():
+    """A user mistake exits with code 2 and exactly one line on stderr naming the problem."""
+    result = run_msa("params", "--backbone", "vit_q", "--json")
+    print(result.stderr)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "vit_q" in lines[0]

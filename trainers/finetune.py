@@ -1,0 +1,344 @@
+"""MSA fine-tuning with simulated prompts: adapters, decoder block 2 and mask head learn.
+
+Each step draws a batch of (slice, label) samples. A sample is prompted either with a jittered box
+or with clicks: random clicks first, then 0..max_corrective_clicks rounds in which the model's own
+prediction is computed (no gradient) and a click is added at the centre of its largest error. The
+loss (Dice + BCE on the masks, MSE on the predicted IoU) is taken on the final prompt set.
+
+With the encoder adapters left untrained (the default, right for CPUs) the image embeddings are
+constant, so each slice is encoded once up front and training runs on the mask decoder only.
+
+Every step's randomness is a pure function of (seed, step, rank), so a resumed run replays exactly
+the samples an uninterrupted one would have drawn. Under torchrun each rank draws its own
+samples and gradients are averaged over ranks (all_reduce) before each optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from tqdm.auto import tqdm
+
+from msa.checkpoint import atomic_save, read_checkpoint, save_adapters
+from msa.data import Case
+from msa.engine import Engine
+from msa.errors import MSAError
+from msa.evaluate import MIN_SLICE_VOXELS, interior_point
+from msa.io import load_image, resample_labels_to
+from msa.metrics import dice
+from msa.transforms import SliceGeometry
+
+from .prompts import corrective_click, jittered_box, random_clicks
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 10  # linear warm-up, then cosine decay to 0
+    seed: int = 0
+    box_probability: float = 0.3  # the rest of the samples are prompted with clicks
+    max_corrective_clicks: int = 2
+    eval_every: int = 50
+    labels: list[int] | None = None  # None: every label present
+    val_every_nth_slice: int = 5  # without validation cases, hold out every n-th sample
+
+
+@dataclass
+class Sample:
+    case: int
+    k: int
+    label: int
+
+
+@dataclass
+class SliceData:
+    """Volumes, reference masks and (cached) embeddings of the slices we train on."""
+
+    engine: Engine
+    cases: list[Case]
+    labels: list[int] | None
+    volumes: list = field(default_factory=list)
+    references: list = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for index, case in enumerate(self.cases):
+            volume = load_image(case.image)
+            reference = resample_labels_to(case.labels, volume)
+            present = [int(v) for v in np.unique(reference) if v != 0]
+            wanted = present if self.labels is None else [v for v in self.labels if v in present]
+            for label in wanted:
+                areas = (reference == label).sum(axis=(1, 2))
+                self.samples += [Sample(index, int(k), label) for k in np.nonzero(areas >= MIN_SLICE_VOXELS)[0]]
+            self.volumes.append(volume)
+            self.references.append(reference)
+        if not self.samples:
+            raise MSAError("no training samples: the chosen labels are absent or too small in the data")
+
+    def encode_all(self) -> None:
+        for index, volume in enumerate(self.volumes):
+            self.engine.embeddings(volume, sorted({s.k for s in self.samples if s.case == index}))
+
+    def target(self, s: Sample) -> np.ndarray:
+        return self.references[s.case][s.k] == s.label
+
+    def geometry(self, s: Sample) -> SliceGeometry:
+        return self.engine.geometry(self.volumes[s.case])
+
+    def embedding(self, s: Sample) -> torch.Tensor:
+        return self.engine.embeddings(self.volumes[s.case], [s.k])[0]
+
+
+def _rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    def __init__(self, engine: Engine, train: SliceData, val_samples: list[Sample], val: SliceData,
+                 config: TrainConfig, out: Path) -> None:
+        self.engine, self.model, self.train, self.val = engine, engine.model, train, val
+        self.val_samples, self.config, self.out = val_samples, config, Path(out)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.loss = DiceCELoss(sigmoid=True)
+        self.step = 0
+        self.best = -1.0
+        self.history: list[dict] = []
+        self.rank, self.world = _rank()
+
+    @property
+    def state_path(self) -> Path:
+        return self.out.with_name(self.out.name + ".state")
+
+    def _lr_factor(self, step: int) -> float:
+        warm = self.config.warmup_steps
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(self.config.steps - warm, 1)))
+
+    # -- prompts and forward -----------------------------------------------------------------------
+
+    def _decode(self, data: SliceData, samples: list[Sample], clicks: list | None, boxes: list | None):
+        """Batched decoder pass; returns low-res logits (B, 1, s, s) and IoU (B, 1)."""
+        embeddings = torch.stack([data.embedding(s) for s in samples])
+        device = embeddings.device
+        points = box = None
+        if clicks is not None:
+            n = max(len(c) for c in clicks)
+            coords = torch.zeros(len(samples), n, 2)
+            labels = -torch.ones(len(samples), n)  # -1: padding, ignored by the prompt encoder
+            for b, (s, cs) in enumerate(zip(samples, clicks)):
+                coords[b, :len(cs)] = data.geometry(s).coords_to_model(np.array([c[:2] for c in cs]))
+                labels[b, :len(cs)] = torch.tensor([float(c[2]) for c in cs])
+            points = (coords.to(device), labels.to(device))
+        if boxes is not None:
+            box = torch.stack([data.geometry(s).boxes_to_model(np.array(bx)) for s, bx in zip(samples, boxes)])
+            box = box.to(device)
+        return self.model.decode(embeddings, points, box, None, multimask_output=False)
+
+    def _to_slice(self, data: SliceData, s: Sample, low_res: torch.Tensor) -> np.ndarray:
+        return (data.geometry(s).logits_to_image(low_res[None].detach().float().cpu())[0, 0] > 0).numpy()
+
+    def _targets(self, data: SliceData, samples: list[Sample], size: int) -> torch.Tensor:
+        masks = [data.geometry(s).mask_to_model(torch.from_numpy(data.target(s)).float()[None, None], size)
+                 for s in samples]
+        return (torch.cat(masks) > 0.5).float()
+
+    def _prompts(self, rng: np.random.Generator, samples: list[Sample]) -> tuple[list, list]:
+        """Split a batch into (sample, box) and (sample, clicks) after the corrective rounds."""
+        boxed, clicked = [], []
+        for s in samples:
+            if rng.random() < self.config.box_probability:
+                boxed.append((s, jittered_box(self.train.target(s), rng)))
+            else:
+                clicked.append((s, random_clicks(self.train.target(s), rng),
+                                int(rng.integers(0, self.config.max_corrective_clicks + 1))))
+        rounds = max((r for _, _, r in clicked), default=0)
+        for round_ in range(rounds):
+            active = [c for c in clicked if c[2] > round_]
+            with torch.no_grad():
+                low_res, _ = self._decode(self.train, [c[0] for c in active], [c[1] for c in active], None)
+            for (s, clicks, _), logits in zip(active, low_res):
+                click = corrective_click(self._to_slice(self.train, s, logits), self.train.target(s))
+                if click is not None:
+                    clicks.append(click)
+        return boxed, [(s, c) for s, c, _ in clicked]
+
+    def _loss(self, samples, clicks, boxes) -> torch.Tensor:
+        low_res, iou_pred = self._decode(self.train, samples, clicks, boxes)
+        target = self._targets(self.train, samples, low_res.shape[-1]).to(low_res.device)
+        with torch.no_grad():
+            pred = (low_res > 0).float()
+            inter = (pred * target).sum(dim=(1, 2, 3))
+            union = ((pred + target) > 0).float().sum(dim=(1, 2, 3))
+            true_iou = (inter / union.clamp(min=1))[:, None]
+        return self.loss(low_res, target) + F.mse_loss(iou_pred, true_iou)
+
+    # -- loop --------------------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        rng = np.random.default_rng([self.config.seed, self.step, self.rank])
+        picks = rng.choice(len(self.train.samples), size=self.config.batch_size)
+        boxed, clicked = self._prompts(rng, [self.train.samples[p] for p in picks])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = torch.zeros(())
+        total = len(boxed) + len(clicked)
+        if boxed:
+            loss = loss + self._loss([s for s, _ in boxed], None, [b for _, b in boxed]) * len(boxed) / total
+        if clicked:
+            loss = loss + self._loss([s for s, _ in clicked], [c for _, c in clicked], None) * len(clicked) / total
+        loss.backward()  # (no dropout or batch norm in the decoder: no train/eval switching needed)
+        if self.world > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean slice Dice on the validation samples with one interior click and with the tight box."""
+        click, box = [], []
+        for s in self.val_samples:
+            target = self.val.target(s)
+            j, i = interior_point(target)
+            logits, _ = self.engine.predict(self.val.volumes[s.case], s.k, points=[(i, j, 1)])
+            click.append(dice(logits > 0, target))
+            rows, cols = np.nonzero(target)
+            logits, _ = self.engine.predict(self.val.volumes[s.case], s.k,
+                                            box=(cols.min(), rows.min(), cols.max(), rows.max()))
+            box.append(dice(logits > 0, target))
+        return {"dice_click1": float(np.mean(click)), "dice_box": float(np.mean(box))}
+
+    def save_state(self) -> None:
+        atomic_save({"step": self.step, "best": self.best, "history": json.dumps(self.history),
+                     "trainable": self.model.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "config": json.dumps(asdict(self.config))},
+                    self.state_path)
+
+    def resume(self) -> bool:
+        if not self.state_path.is_file():
+            return False
+        state = read_checkpoint(self.state_path)
+        if json.loads(state["config"]) != asdict(self.config):
+            raise MSAError(f"{self.state_path} was written with other training options; remove it or match them")
+        self.model.load_state_dict(state["trainable"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.best, self.history = state["step"], state["best"], json.loads(state["history"])
+        return True
+
+    def run(self, on_progress=None) -> dict:
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", unit="step",
+                   disable=self.rank != 0 or not self.engine.progress)
+        started = time.time()
+        losses: list[float] = []
+        while self.step < self.config.steps:
+            losses.append(self.train_step())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
+                self._evaluate_and_save(float(np.mean(losses)), time.time() - started)
+                losses = []
+            if on_progress is not None:
+                on_progress(self.step, self.config.steps, self.history[-1] if self.history else {})
+        bar.close()
+        return {"steps": self.step, "best_score": self.best, "history": self.history, "adapters": str(self.out)}
+
+    def _evaluate_and_save(self, mean_loss: float, seconds: float) -> None:
+        if self.rank == 0:
+            record = {"step": self.step, "loss": mean_loss, **self.validate(), "seconds": round(seconds, 1)}
+            self.history.append(record)
+            score = (record["dice_click1"] + record["dice_box"]) / 2
+            if score > self.best:
+                self.best = score
+                save_adapters(self.model, self.out, extra={"training": {**record, "seed": self.config.seed,
+                                                                        "steps": self.config.steps}})
+            self.save_state()
+            write_curves(self.history, self.out)
+        if self.world > 1:
+            dist.barrier()
+
+
+def split_validation(samples: list[Sample], every: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out every n-th sample (ordered by case, label, slice): validation slices interleave training ones."""
+    ordered = sorted(samples, key=lambda s: (s.case, s.label, s.k))
+    val = ordered[every - 1::every]
+    return [s for s in ordered if s not in val], val
+
+
+def write_curves(history: list[dict], out: Path) -> None:
+    """TensorBoard scalars and a PNG of the curves next to the adapter file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir = out.with_name(out.name + ".logs")
+    with SummaryWriter(str(log_dir)) as writer:
+        record = history[-1]
+        for key in ("loss", "dice_click1", "dice_box"):
+            writer.add_scalar(key, record[key], record["step"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in history]
+    for key in ("loss", "dice_click1", "dice_box"):
+        ax.plot(steps, [r[key] for r in history], marker="o", label=key)
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(log_dir / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def train(engine: Engine, cases: list[Case], out: str | Path, config: TrainConfig | None = None,
+          val_cases: list[Case] | None = None, resume: bool = True, on_progress=None) -> dict:
+    """Fine-tune engine.model on cases; best adapters go to `out` (atomically). Returns stats."""
+    config = config or TrainConfig()
+    engine.model.eval()
+    engine.multimask_single_click = False  # we train (and so validate) the single-mask output
+    torch.manual_seed(config.seed)
+    data = SliceData(engine, cases, config.labels)
+    if val_cases:
+        val = SliceData(engine, val_cases, config.labels)
+        train_samples, val_samples = data.samples, val.samples
+    else:
+        val = data
+        train_samples, val_samples = split_validation(data.samples, config.val_every_nth_slice)
+    data.encode_all()
+    if val is not data:
+        val.encode_all()
+    data.samples = train_samples
+    trainer = Trainer(engine, data, val_samples, val, config, Path(out))
+    if resume:
+        trainer.resume()
+    return trainer.run(on_progress)
+
+
+def init_distributed() -> None:
+    """Join the torchrun process group if launched under torchrun (NCCL on GPUs, gloo on CPUs)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
