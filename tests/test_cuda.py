@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -22,8 +20,13 @@ def test_lite_medsam_tiny_on_cuda_matches_cpu(tmp_path):
         for module in cpu.modules():
             if isinstance(module, msa.Adapter):
                 torch.nn.init.normal_(module.up.weight, std=0.02)
-    gpu = copy.deepcopy(cpu).to("cuda")
-    assert gpu.device.type == "cuda" and gpu.pixel_mean.is_cuda
+            if hasattr(module, "attention_biases"):
+                module.attention_biases.normal_()
+    gpu = msa.build_model("lite_medsam_tiny", three_d=True, device="cuda")
+    gpu.load_state_dict(cpu.state_dict())  # into an eval model on the GPU: cached biases refreshed there
+    cpu.load_state_dict(cpu.state_dict())  # (the in-place change above bypassed the CPU model's cache)
+    assert gpu.device.type == "cuda" and not gpu.training
+    assert all(p.is_cuda for p in gpu.parameters()) and all(b.is_cuda for b in gpu.buffers())
     images = torch.rand(3, 3, 256, 256) * 255
     points = (torch.tensor([[[60.0, 70.0], [200.0, 10.0]]] * 3), torch.tensor([[1, 0]] * 3))
     boxes = torch.tensor([[30.0, 40.0, 150.0, 200.0]] * 3)

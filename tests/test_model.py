@@ -17,6 +17,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 import msa
+from msa.modeling.depth import depth_to_slices, slices_to_depth
 from msa.modeling.mask_decoder import MSATwoWayBlock
 from msa.modeling.tinyvit_encoder import MSATinyViTBlock
 from msa.modeling.vit_encoder import MSAViTBlock
@@ -260,6 +261,10 @@ def test_depth_branch_mixes_slices_not_windows(name):
         assert out_diff[i].max() > 1e-6, f"slice {i} did not see slice 2 after the first windowed block"
         assert not (hit & ~allowed).any(), f"slice {i} changed away from the positions slice 2 changed at"
     assert torch.equal(out_b[3:], out_a[3:]), "a change in volume 0 reached volume 1"
+    # Two volumes in one batch give what each gives alone: slices are grouped by volume.
+    _, out_v0 = _block_io(model3d, block3d, images[:3], depth=3)
+    _, out_v1 = _block_io(model3d, block3d, images[3:], depth=3)
+    torch.testing.assert_close(out_a, torch.cat([out_v0, out_v1]), atol=1e-5, rtol=1e-5)
 
     # 2D, same weights otherwise: slices are independent, exactly.
     _, out2d_a = _block_io(model2d, block2d, images, depth=3)
@@ -267,6 +272,22 @@ def test_depth_branch_mixes_slices_not_windows(name):
     keep = [0, 1, 3, 4, 5]
     assert torch.equal(out2d_b[keep], out2d_a[keep])
     assert not torch.equal(out2d_b[2], out2d_a[2])
+
+
+def test_depth_regrouping_is_slice_major():
+    """slices_to_depth gathers, per volume and token, its D consecutive slices (batch is
+    slice-major: all slices of volume 0, then volume 1); depth_to_slices is its exact inverse."""
+    b, d, n, c = 2, 3, 5, 4
+    x = torch.arange(b * d * n * c, dtype=torch.float32).view(b * d, n, c)
+    tokens = slices_to_depth(x, d)
+    assert tokens.shape == (b * n, d, c)
+    for volume in range(b):
+        for token in range(n):
+            for s in range(d):
+                assert torch.equal(tokens[volume * n + token, s], x[volume * d + s, token])
+    assert torch.equal(depth_to_slices(tokens, d, n), x)
+    with pytest.raises(ValueError):
+        slices_to_depth(x, 4)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -24,6 +24,7 @@ class EmbeddingCache:
     """LRU mapping key -> tensor, bounded by the total bytes of the tensors it holds."""
 
     def __init__(self, max_bytes: int) -> None:
+        self.lock = threading.RLock()  # held by an engine while it looks up and fills entries
         self.max_bytes = max_bytes
         self.bytes = 0
         self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -66,9 +67,9 @@ class Engine:
     """
 
     def __init__(self, model: MSA, cache_bytes: int = 2 << 30, slab_depth: int = 8, batch_size: int = 4,
-                 use_cache: bool = True, progress: bool = False) -> None:
+                 use_cache: bool = True, progress: bool = False, cache: EmbeddingCache | None = None) -> None:
         self.model = model.eval()
-        self.cache = EmbeddingCache(cache_bytes)
+        self.cache = cache if cache is not None else EmbeddingCache(cache_bytes)  # may be shared by engines
         self.slab_depth = slab_depth if model.config.three_d else 1
         self.batch_size = batch_size
         self.use_cache = use_cache
@@ -78,7 +79,6 @@ class Engine:
         self.multimask_single_click = model.adapters_meta is None
         self.encoded_slices = 0  # how many slice encodings the encoder has run: tests and stats read it
         self._windows: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
 
     # -- preprocessing ---------------------------------------------------------------------------
 
@@ -108,8 +108,9 @@ class Engine:
     @torch.no_grad()
     def embeddings(self, volume: Volume, ks: list[int]) -> torch.Tensor:
         """(len(ks), C, h, w) image embeddings of slices ks, encoding only those not cached."""
-        with self._lock:
-            found = {k: self.cache.get((volume.key, k)) for k in ks} if self.use_cache else {}
+        model_key = self.model.encoder_key()
+        with self.cache.lock:  # one encoder run at a time; concurrent requests wait for the cache
+            found = {k: self.cache.get((model_key, volume.key, k)) for k in ks} if self.use_cache else {}
             missing = [k for k in ks if found.get(k) is None]
             units = self._units(volume, missing)
             for unit in tqdm(units, desc="encoding", unit="pass", disable=not self.progress or len(units) < 2):
@@ -119,7 +120,7 @@ class Engine:
                 for k, emb in zip(unit, out):
                     found[k] = emb
                     if self.use_cache:
-                        self.cache.put((volume.key, k), emb)
+                        self.cache.put((model_key, volume.key, k), emb)
             return torch.stack([found[k] for k in ks])
 
     # -- decoder ---------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ class MSA(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
         self._backbone_hash: str | None = None
+        self._encoder_key: str | None = None
         self.adapters_meta: dict | None = None  # metadata of the adapter file loaded, if any
         self.freeze_backbone()
 
@@ -94,9 +95,23 @@ class MSA(nn.Module):
             self._backbone_hash = digest.hexdigest()
         return self._backbone_hash
 
+    def encoder_key(self) -> str:
+        """Names what the image encoder computes: its backbone and its adapter weights.
+
+        Embedding caches key on it, so adapters that change only the decoder keep the cache valid.
+        """
+        if self._encoder_key is None:
+            digest = hashlib.sha256(self.backbone_hash().encode())
+            for name, tensor in sorted(self.image_encoder.state_dict().items()):
+                if "_adapter." in name:
+                    digest.update(name.encode())
+                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._encoder_key = digest.hexdigest()
+        return self._encoder_key
+
     def load_state_dict(self, *args, **kwargs):  # noqa: D102 - nn.Module's, plus cache upkeep
         result = super().load_state_dict(*args, **kwargs)
-        self._backbone_hash = None
+        self._backbone_hash = self._encoder_key = None
         # TinyViT caches its attention biases in eval mode; rebuild them from the loaded weights.
         self.train(self.training)
         return result

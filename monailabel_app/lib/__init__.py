@@ -1,0 +1,1 @@
+"""The MSA MONAI Label app's own code: thin task classes over the `msa` package."""

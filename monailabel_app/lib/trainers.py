@@ -1,0 +1,84 @@
+"""Train task `msa`: fine-tunes the adapters on the datastore's final labels (msa.trainers)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from msa import build_model
+from msa.data import Case
+from msa.engine import Engine
+from msa.errors import MSAError
+from msa.trainers import TrainConfig, train
+
+from .models import ModelProvider
+
+logger = logging.getLogger(__name__)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=1)
+    os.replace(tmp, path)
+
+
+class MSATrain(TrainTask):
+    """Continues from the adapters in service; the result replaces them only when training ends.
+
+    Training writes its best adapters to model_dir/msa_adapters.training.pt; at the end that file
+    is renamed onto the published model_dir/msa_adapters.pt (one atomic rename), which the infer
+    task notices on its next request. A run killed midway never touches the published file.
+    """
+
+    def __init__(self, provider: ModelProvider) -> None:
+        super().__init__("MSA adapter fine-tuning with simulated clicks and boxes on the final labels")
+        self.provider = provider
+        self.stats_path = provider.model_dir / "train_stats.json"
+
+    def config(self) -> dict:
+        return {"steps": 100, "batch_size": 8, "lr": 1e-4, "seed": 0, "eval_every": 25}
+
+    def stats(self) -> dict:
+        if self.stats_path.is_file():
+            return json.loads(self.stats_path.read_text())
+        return {}
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        cases = [Case(Path(d["image"]), Path(d["label"])) for d in datastore.datalist()]
+        if not cases:
+            raise MSAError("no final labels in the datastore yet: save a label, then train")
+        defaults = self.config()
+        config = TrainConfig(**{k: type(v)(request.get(k, v)) for k, v in defaults.items()})
+        model_dir = self.provider.model_dir
+        model_dir.mkdir(parents=True, exist_ok=True)
+        draft = model_dir / "msa_adapters.training.pt"
+        for leftover in (draft, draft.with_name(draft.name + ".state")):
+            leftover.unlink(missing_ok=True)  # a killed run's draft: start clean
+
+        model = build_model(self.provider.backbone, checkpoint=self.provider.checkpoint,
+                            adapters=self.provider.adapters_path(), three_d=self.provider.three_d,
+                            device=self.provider.device)
+        started = time.time()
+
+        def progress(step: int, steps: int, record: dict) -> None:
+            _write_json(self.stats_path, {"status": "RUNNING", "step": step, "total_steps": steps,
+                                          "images": len(cases), "start_ts": started, **record})
+
+        result = train(Engine(model), cases, draft, config, resume=False, on_progress=progress)
+        os.replace(draft, self.provider.published)  # publish: one atomic rename
+        draft.with_name(draft.name + ".state").unlink(missing_ok=True)
+        best = max(result["history"], key=lambda r: (r["dice_click1"] + r["dice_box"]) / 2)
+        stats = {"status": "DONE", "step": result["steps"], "total_steps": config.steps, "images": len(cases),
+                 "start_ts": started, "total_time": round(time.time() - started, 1), "best": best,
+                 "published": str(self.provider.published)}
+        _write_json(self.stats_path, stats)
+        logger.info(f"MSA training done: {stats}")
+        return stats

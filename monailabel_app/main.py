@@ -1,0 +1,97 @@
+"""MONAI Label app serving MSA (Medical SAM Adapter): interactive 3D/2D segmentation from clicks
+and ROI boxes, and active-learning retraining of the adapters.
+
+    monailabel start_server --app monailabel_app --studies STUDIES [--conf KEY VALUE ...]
+
+--conf backbone     lite_medsam (default, bundled weights) | vit_b | vit_l | vit_h
+--conf checkpoint   backbone weights file (required for SAM backbones; never downloaded)
+--conf adapters     adapter file (default: the adapters shipped with msa for the backbone)
+--conf three_d      true | false (default false): encode slabs of slices with the depth branch
+--conf device       cpu | cuda | cuda:N (default cpu)
+--conf cache_mb     embedding cache size (default 2048)
+--conf labels       comma-separated structure names the infer tasks list
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+from lib.activelearning import ConfidenceScoring, LeastConfident
+from lib.datastore import CheckedDatastore
+from lib.infers import MSAInfer, VolumeCache
+from lib.models import ModelProvider
+from lib.server import move_inference_off_event_loop
+from lib.trainers import MSATrain
+from msa.errors import MSAError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LABELS = ("spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
+                  "aorta", "inferior_vena_cava")
+
+
+class MSAApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict) -> None:
+        # MONAI Label's background tasks read os.environ["PYTHONPATH"] and die silently without it.
+        os.environ.setdefault("PYTHONPATH", "")
+        try:
+            self.provider = ModelProvider(conf, Path(conf.get("model_dir", Path(app_dir) / "model")))
+        except MSAError as exc:
+            logger.error(f"MSA app cannot start: {exc}")
+            print(f"MSA app cannot start: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        self.volumes = VolumeCache()
+        self.confidence = ConfidenceScoring(self.provider, self.volumes)  # the uncertainty strategy uses it too
+        self.structure_labels = [s.strip() for s in conf.get("labels", ",".join(DEFAULT_LABELS)).split(",") if s.strip()]
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="MSA",
+                         description="Medical SAM Adapter: interactive segmentation with clicks and ROI boxes",
+                         version="0.1.0", labels=self.structure_labels)
+
+    def init_datastore(self):
+        return CheckedDatastore(self.studies, auto_reload=False)
+
+    def init_infers(self):
+        return {
+            "msa": MSAInfer(self.provider, self.structure_labels, dimension=3, volumes=self.volumes),
+            "msa_2d": MSAInfer(self.provider, self.structure_labels, dimension=2, volumes=self.volumes),
+        }
+
+    def init_trainers(self):
+        return {"msa": MSATrain(self.provider)}
+
+    def init_scoring_methods(self):
+        return {"msa_confidence": self.confidence}
+
+    def init_strategies(self):
+        return {"random": Random(), "first": First(), "uncertainty": LeastConfident(self.confidence)}
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        move_inference_off_event_loop()
+
+    def infer(self, request: dict, datastore=None) -> dict:
+        """MONAI Label's infer, with user mistakes answered as 4xx instead of 500."""
+        if request.get("model") not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; "
+                                                        f"this app serves {', '.join(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image) and not self.datastore().get_image_uri(image):
+            raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
+        try:
+            return super().infer(request, datastore)
+        except MSAError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+
+    def train(self, request: dict) -> dict:
+        try:
+            return super().train(request)
+        except MSAError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
