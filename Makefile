@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test clean
+PORT ?= 8000
+STUDIES ?= studies
+
+.PHONY: venv test demo clean
 
 $(BIN)/msa: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +20,18 @@ venv: $(BIN)/msa
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The main job: a MONAI Label server with MSA on the sample CT, for 3D Slicer or any MONAI Label client.
+demo: venv
+	mkdir -p $(STUDIES)
+	test -e $(STUDIES)/ct_abdomen.nii.gz || cp lib/msa/sample_data/ct_abdomen.nii.gz $(STUDIES)/
+	@echo ""
+	@echo "MSA server starting on http://127.0.0.1:$(PORT) (first start: the model loads in a few seconds)."
+	@echo "In 3D Slicer: install the MONAILabel extension, open the MONAI Label module, set the server to"
+	@echo "http://127.0.0.1:$(PORT), click 'Next Sample', then pick model 'msa' and click in the organ (or"
+	@echo "draw an ROI). Any MONAI Label client works too: see README.md."
+	@echo ""
+	PATH="$(abspath $(BIN)):$$PATH" monailabel start_server --app monailabel_app --studies $(STUDIES) --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf $(VENV)

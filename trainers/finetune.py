@@ -15,11 +15,13 @@ samples and gradients are averaged over ranks (all_reduce) before each optimizer
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,7 @@ from msa.data import Case
 from msa.engine import Engine
 from msa.errors import MSAError
 from msa.evaluate import MIN_SLICE_VOXELS, interior_point
-from msa.io import load_image, resample_labels_to
+from msa.io import Volume, load_image, resample_labels_to
 from msa.metrics import dice
 from msa.transforms import SliceGeometry
 
@@ -53,6 +55,7 @@ class TrainConfig:
     max_corrective_clicks: int = 2
     eval_every: int = 50
     labels: list[int] | None = None  # None: every label present
+    train_encoder: bool = False  # also train the encoder adapters (backpropagates through the encoder)
     val_every_nth_slice: int = 5  # without validation cases, hold out every n-th sample
 
 
@@ -63,30 +66,29 @@ class Sample:
     label: int
 
 
-@dataclass
 class SliceData:
-    """Volumes, reference masks and (cached) embeddings of the slices we train on."""
+    """Volumes, reference label maps (K, J, I) and the (slice, label) samples drawn from them."""
 
-    engine: Engine
-    cases: list[Case]
-    labels: list[int] | None
-    volumes: list = field(default_factory=list)
-    references: list = field(default_factory=list)
-    samples: list[Sample] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for index, case in enumerate(self.cases):
-            volume = load_image(case.image)
-            reference = resample_labels_to(case.labels, volume)
+    def __init__(self, engine: Engine, pairs: list[tuple[Volume, np.ndarray]], labels: list[int] | None) -> None:
+        self.engine = engine
+        self.volumes = [volume for volume, _ in pairs]
+        self.references = [reference for _, reference in pairs]
+        self.samples: list[Sample] = []
+        for index, reference in enumerate(self.references):
             present = [int(v) for v in np.unique(reference) if v != 0]
-            wanted = present if self.labels is None else [v for v in self.labels if v in present]
-            for label in wanted:
+            for label in present if labels is None else [v for v in labels if v in present]:
                 areas = (reference == label).sum(axis=(1, 2))
                 self.samples += [Sample(index, int(k), label) for k in np.nonzero(areas >= MIN_SLICE_VOXELS)[0]]
-            self.volumes.append(volume)
-            self.references.append(reference)
         if not self.samples:
             raise MSAError("no training samples: the chosen labels are absent or too small in the data")
+
+    @classmethod
+    def from_cases(cls, engine: Engine, cases: list[Case], labels: list[int] | None) -> "SliceData":
+        pairs = []
+        for case in cases:
+            volume = load_image(case.image)
+            pairs.append((volume, resample_labels_to(case.labels, volume)))
+        return cls(engine, pairs, labels)
 
     def encode_all(self) -> None:
         for index, volume in enumerate(self.volumes):
@@ -98,8 +100,25 @@ class SliceData:
     def geometry(self, s: Sample) -> SliceGeometry:
         return self.engine.geometry(self.volumes[s.case])
 
-    def embedding(self, s: Sample) -> torch.Tensor:
-        return self.engine.embeddings(self.volumes[s.case], [s.k])[0]
+    def embeddings(self, samples: list[Sample], train_encoder: bool) -> torch.Tensor:
+        """(B, C, h, w): from the engine's cache, or through the encoder with gradients.
+
+        In 3D mode each sample's slice is encoded inside a slab of slab_depth slices around it.
+        """
+        if not train_encoder:
+            return torch.stack([self.engine.embeddings(self.volumes[s.case], [s.k])[0] for s in samples])
+        model, depth = self.engine.model, self.engine.slab_depth
+        if depth == 1:
+            images = torch.cat([self.engine.model_input(self.volumes[s.case], [s.k]) for s in samples])
+            return model.encode(images.to(model.device))
+        out = []
+        for s in samples:
+            n = self.volumes[s.case].voxels.shape[0]
+            start = max(0, min(s.k - depth // 2, n - depth))
+            ks = list(range(start, min(start + depth, n)))
+            slab = self.engine.model_input(self.volumes[s.case], ks).to(model.device)
+            out.append(model.encode(slab, depth=len(ks))[ks.index(s.k)])
+        return torch.stack(out)
 
 
 def _rank() -> tuple[int, int]:
@@ -113,7 +132,10 @@ class Trainer:
                  config: TrainConfig, out: Path) -> None:
         self.engine, self.model, self.train, self.val = engine, engine.model, train, val
         self.val_samples, self.config, self.out = val_samples, config, Path(out)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # Without encoder training the embeddings are fixed, so the encoder adapters get no gradient
+        # and must stay out of the optimizer (weight decay alone would shrink them).
+        self.params = [p for name, p in self.model.named_parameters()
+                       if p.requires_grad and (config.train_encoder or not name.startswith("image_encoder."))]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.loss = DiceCELoss(sigmoid=True)
@@ -121,6 +143,10 @@ class Trainer:
         self.best = -1.0
         self.history: list[dict] = []
         self.rank, self.world = _rank()
+        cuda = self.model.device.type == "cuda"
+        # On a GPU: bf16 autocast, and gradient checkpointing through the encoder blocks.
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        self.model.image_encoder.checkpointing = cuda and config.train_encoder
 
     @property
     def state_path(self) -> Path:
@@ -134,9 +160,8 @@ class Trainer:
 
     # -- prompts and forward -----------------------------------------------------------------------
 
-    def _decode(self, data: SliceData, samples: list[Sample], clicks: list | None, boxes: list | None):
-        """Batched decoder pass; returns low-res logits (B, 1, s, s) and IoU (B, 1)."""
-        embeddings = torch.stack([data.embedding(s) for s in samples])
+    def _decode(self, embeddings: torch.Tensor, samples: list[Sample], clicks: list | None, boxes: list | None):
+        """Batched prompt encoder + decoder; returns low-res logits (B, 1, s, s) and IoU (B, 1)."""
         device = embeddings.device
         points = box = None
         if clicks is not None:
@@ -144,45 +169,48 @@ class Trainer:
             coords = torch.zeros(len(samples), n, 2)
             labels = -torch.ones(len(samples), n)  # -1: padding, ignored by the prompt encoder
             for b, (s, cs) in enumerate(zip(samples, clicks)):
-                coords[b, :len(cs)] = data.geometry(s).coords_to_model(np.array([c[:2] for c in cs]))
+                coords[b, :len(cs)] = self.train.geometry(s).coords_to_model(np.array([c[:2] for c in cs]))
                 labels[b, :len(cs)] = torch.tensor([float(c[2]) for c in cs])
             points = (coords.to(device), labels.to(device))
         if boxes is not None:
-            box = torch.stack([data.geometry(s).boxes_to_model(np.array(bx)) for s, bx in zip(samples, boxes)])
+            box = torch.stack([self.train.geometry(s).boxes_to_model(np.array(bx)) for s, bx in zip(samples, boxes)])
             box = box.to(device)
-        return self.model.decode(embeddings, points, box, None, multimask_output=False)
+        with self.autocast:
+            low_res, iou = self.model.decode(embeddings, points, box, None, multimask_output=False)
+        return low_res.float(), iou.float()
 
-    def _to_slice(self, data: SliceData, s: Sample, low_res: torch.Tensor) -> np.ndarray:
-        return (data.geometry(s).logits_to_image(low_res[None].detach().float().cpu())[0, 0] > 0).numpy()
+    def _to_slice(self, s: Sample, low_res: torch.Tensor) -> np.ndarray:
+        return (self.train.geometry(s).logits_to_image(low_res[None].detach().cpu())[0, 0] > 0).numpy()
 
-    def _targets(self, data: SliceData, samples: list[Sample], size: int) -> torch.Tensor:
-        masks = [data.geometry(s).mask_to_model(torch.from_numpy(data.target(s)).float()[None, None], size)
+    def _targets(self, samples: list[Sample], size: int) -> torch.Tensor:
+        masks = [self.train.geometry(s).mask_to_model(torch.from_numpy(self.train.target(s)).float()[None, None], size)
                  for s in samples]
         return (torch.cat(masks) > 0.5).float()
 
-    def _prompts(self, rng: np.random.Generator, samples: list[Sample]) -> tuple[list, list]:
-        """Split a batch into (sample, box) and (sample, clicks) after the corrective rounds."""
-        boxed, clicked = [], []
+    def _prompts(self, rng: np.random.Generator, samples: list[Sample], embeddings: torch.Tensor) -> list:
+        """Per sample: ('box', box) or ('clicks', clicks) after its corrective rounds (no gradient)."""
+        prompts, rounds = [], []
         for s in samples:
             if rng.random() < self.config.box_probability:
-                boxed.append((s, jittered_box(self.train.target(s), rng)))
+                prompts.append(("box", jittered_box(self.train.target(s), rng)))
+                rounds.append(0)
             else:
-                clicked.append((s, random_clicks(self.train.target(s), rng),
-                                int(rng.integers(0, self.config.max_corrective_clicks + 1))))
-        rounds = max((r for _, _, r in clicked), default=0)
-        for round_ in range(rounds):
-            active = [c for c in clicked if c[2] > round_]
+                prompts.append(("clicks", random_clicks(self.train.target(s), rng)))
+                rounds.append(int(rng.integers(0, self.config.max_corrective_clicks + 1)))
+        for round_ in range(max(rounds, default=0)):
+            active = [b for b, r in enumerate(rounds) if r > round_]
             with torch.no_grad():
-                low_res, _ = self._decode(self.train, [c[0] for c in active], [c[1] for c in active], None)
-            for (s, clicks, _), logits in zip(active, low_res):
-                click = corrective_click(self._to_slice(self.train, s, logits), self.train.target(s))
+                low_res, _ = self._decode(embeddings[active].detach(), [samples[b] for b in active],
+                                          [prompts[b][1] for b in active], None)
+            for b, logits in zip(active, low_res):
+                click = corrective_click(self._to_slice(samples[b], logits), self.train.target(samples[b]))
                 if click is not None:
-                    clicks.append(click)
-        return boxed, [(s, c) for s, c, _ in clicked]
+                    prompts[b][1].append(click)
+        return prompts
 
-    def _loss(self, samples, clicks, boxes) -> torch.Tensor:
-        low_res, iou_pred = self._decode(self.train, samples, clicks, boxes)
-        target = self._targets(self.train, samples, low_res.shape[-1]).to(low_res.device)
+    def _loss(self, embeddings: torch.Tensor, samples: list[Sample], clicks, boxes) -> torch.Tensor:
+        low_res, iou_pred = self._decode(embeddings, samples, clicks, boxes)
+        target = self._targets(samples, low_res.shape[-1]).to(low_res.device)
         with torch.no_grad():
             pred = (low_res > 0).float()
             inter = (pred * target).sum(dim=(1, 2, 3))
@@ -194,15 +222,19 @@ class Trainer:
 
     def train_step(self) -> float:
         rng = np.random.default_rng([self.config.seed, self.step, self.rank])
-        picks = rng.choice(len(self.train.samples), size=self.config.batch_size)
-        boxed, clicked = self._prompts(rng, [self.train.samples[p] for p in picks])
+        samples = [self.train.samples[p] for p in rng.choice(len(self.train.samples), size=self.config.batch_size)]
+        with self.autocast:
+            embeddings = self.train.embeddings(samples, self.config.train_encoder).float()
+        prompts = self._prompts(rng, samples, embeddings)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros(())
-        total = len(boxed) + len(clicked)
-        if boxed:
-            loss = loss + self._loss([s for s, _ in boxed], None, [b for _, b in boxed]) * len(boxed) / total
-        if clicked:
-            loss = loss + self._loss([s for s, _ in clicked], [c for _, c in clicked], None) * len(clicked) / total
+        loss = torch.zeros((), device=embeddings.device)
+        for kind in ("box", "clicks"):
+            picked = [b for b, p in enumerate(prompts) if p[0] == kind]
+            if picked:
+                given = [prompts[b][1] for b in picked]
+                part = self._loss(embeddings[picked], [samples[b] for b in picked],
+                                  given if kind == "clicks" else None, given if kind == "box" else None)
+                loss = loss + part * len(picked) / len(samples)
         loss.backward()  # (no dropout or batch norm in the decoder: no train/eval switching needed)
         if self.world > 1:
             for p in self.params:
@@ -218,6 +250,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Mean slice Dice on the validation samples with one interior click and with the tight box."""
+        self.model.weights_changed()  # trained encoder adapters: cached embeddings of older weights don't apply
         click, box = [], []
         for s in self.val_samples:
             target = self.val.target(s)
@@ -263,7 +296,11 @@ class Trainer:
             if on_progress is not None:
                 on_progress(self.step, self.config.steps, self.history[-1] if self.history else {})
         bar.close()
-        return {"steps": self.step, "best_score": self.best, "history": self.history, "adapters": str(self.out)}
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.trainable_state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        return {"steps": self.step, "best_score": self.best, "history": self.history, "adapters": str(self.out),
+                "rank": self.rank, "trainable_sha256": digest.hexdigest()}
 
     def _evaluate_and_save(self, mean_loss: float, seconds: float) -> None:
         if self.rank == 0:
@@ -316,20 +353,24 @@ def train(engine: Engine, cases: list[Case], out: str | Path, config: TrainConfi
           val_cases: list[Case] | None = None, resume: bool = True, on_progress=None) -> dict:
     """Fine-tune engine.model on cases; best adapters go to `out` (atomically). Returns stats."""
     config = config or TrainConfig()
-    engine.model.eval()
+    data = SliceData.from_cases(engine, cases, config.labels)
+    val = SliceData.from_cases(engine, val_cases, config.labels) if val_cases else None
+    return train_on(engine, data, val, out, config, resume, on_progress)
+
+
+def train_on(engine: Engine, data: SliceData, val: SliceData | None, out: str | Path, config: TrainConfig,
+             resume: bool = True, on_progress=None) -> dict:
+    """train() on data already loaded; without `val`, every n-th sample of `data` is held out."""
+    engine.model.eval()  # also while training: frozen batch norms keep their statistics
     engine.multimask_single_click = False  # we train (and so validate) the single-mask output
     torch.manual_seed(config.seed)
-    data = SliceData(engine, cases, config.labels)
-    if val_cases:
-        val = SliceData(engine, val_cases, config.labels)
-        train_samples, val_samples = data.samples, val.samples
-    else:
+    if val is None:
         val = data
-        train_samples, val_samples = split_validation(data.samples, config.val_every_nth_slice)
-    data.encode_all()
-    if val is not data:
-        val.encode_all()
-    data.samples = train_samples
+        data.samples, val_samples = split_validation(data.samples, config.val_every_nth_slice)
+    else:
+        val_samples = val.samples
+    if not config.train_encoder:
+        data.encode_all()  # fixed embeddings: encode each slice once, in batches
     trainer = Trainer(engine, data, val_samples, val, config, Path(out))
     if resume:
         trainer.resume()

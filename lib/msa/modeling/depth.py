@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def slices_to_depth(x: torch.Tensor, depth: int) -> torch.Tensor:
@@ -36,3 +37,10 @@ def multihead_attention(
 
     out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=scale)
     return out.transpose(1, 2).reshape(L, D, -1)
+
+
+def checkpointed(block: torch.nn.Module, x: torch.Tensor, depth: int, enabled: bool) -> torch.Tensor:
+    """block(x, depth), with gradient checkpointing when enabled and gradients are being recorded."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(block, x, depth, use_reentrant=False)
+    return block(x, depth)

