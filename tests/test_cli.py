@@ -21,12 +21,13 @@ def run_msa(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
-def test_params_vit_b_within_the_papers_budget(three_d):
+def test_params_vit_b_within_the_papers_budget(three_d, capsys):
     """MSA on ViT-B trains under 5% of the parameters, in 2D and with the 3D depth branch."""
     result = run_msa("params", "--backbone", "vit_b", "--json", *(["--three-d"] if three_d else []))
     assert result.returncode == 0, result.stderr
     counts = json.loads(result.stdout)
-    print("vit_b", "3D" if three_d else "2D", counts)
+    with capsys.disabled():
+        print("\nvit_b", "3D" if three_d else "2D", counts)
     assert set(counts) == {"total", "trainable", "trainable_fraction"}
     assert counts["total"] > 9e7
     assert 0 < counts["trainable_fraction"] < 0.05

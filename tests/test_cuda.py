@@ -10,11 +10,11 @@ import msa
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_lite_medsam_tiny_on_cuda_matches_cpu(tmp_path):
+def test_lite_medsam_tiny_on_cuda_matches_cpu(tmp_path, monkeypatch):
     """encode / decode on cuda match the CPU to atol 1e-3 (3D, non-zero adapters); adapter files
     saved from the GPU model load into a CPU model, on the CPU."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # full fp32 on the GPU too
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     cpu = msa.build_model("lite_medsam_tiny", three_d=True)
     with torch.no_grad():
         for module in cpu.modules():

@@ -7,6 +7,7 @@ model does not, or the model needs and the file lacks, is an error: nothing is d
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import tempfile
@@ -74,12 +75,22 @@ def backbone_state_dict(obj: object) -> dict[str, torch.Tensor]:
 
 
 def adapter_config_of(state: dict[str, torch.Tensor]) -> AdapterConfig | None:
-    """The adapter width a state dict's encoder adapters were made with (None if it has none)."""
+    """The hidden ratio that gives every adapter in `state` its width (None if it has no adapters).
+
+    An adapter of width `dim` has int(dim * ratio) hidden units, so each one bounds the ratio to
+    [hidden / dim, (hidden + 1) / dim); the ratio is the middle of all those bounds together.
+    Activation and s are not in the weights: the defaults (GELU, 0.5, as the reference code) apply.
+    """
+    low, high = 0.0, math.inf
     for key, value in state.items():
-        if key.endswith("space_adapter.down.weight"):
+        if "_adapter.down.weight" in key:
             hidden, dim = value.shape
-            return AdapterConfig(hidden_ratio=(hidden + 0.5) / dim)  # int(dim * ratio) == hidden
-    return None
+            low, high = max(low, hidden / dim), min(high, (hidden + 1) / dim)
+    if high == math.inf:
+        return None
+    if low >= high:
+        raise CheckpointError("the adapters in this file do not share one hidden ratio; pass adapter=AdapterConfig(...)")
+    return AdapterConfig(hidden_ratio=(low + high) / 2)
 
 
 def load_backbone(model: MSA, path: str | Path) -> list[str]:

@@ -23,6 +23,13 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (`msa CMD: error: ...`) and exit code 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parse_point(text: str) -> tuple[tuple[float, float, float], bool]:
     parts = [p.strip() for p in text.split(",")]
     sign = parts.pop() if len(parts) == 4 else "+"
@@ -174,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import PROTOCOLS
     from .modeling.build import BACKBONES
 
-    parser = argparse.ArgumentParser(prog="msa", description="Medical SAM Adapter: interactive medical segmentation")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="msa", description="Medical SAM Adapter: interactive medical segmentation")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     segment = commands.add_parser("segment", help="segment an image from clicks and/or an ROI, write a label file")
     segment.add_argument("image", help="NIfTI / NRRD file, DICOM series folder, or PNG / JPEG")

@@ -69,6 +69,16 @@ def _read_sitk(path: Path) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
 
+def _nifti_has_nonfinite(path: Path) -> bool:
+    """ITK 5.4's NIfTI reader silently turns NaN and inf into 0, so ask nibabel (float files only)."""
+    if not path.is_file() or not path.name.endswith((".nii", ".nii.gz")):
+        return False
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    return image.get_data_dtype().kind in "fc" and not np.isfinite(np.asanyarray(image.dataobj)).all()
+
+
 def load_image(path: str | Path, modality: str | None = None) -> Volume:
     """Open an image file or DICOM folder; `modality` ("ct" | "mr" | "rgb") overrides detection."""
     path = Path(path)
@@ -92,7 +102,7 @@ def load_image(path: str | Path, modality: str | None = None) -> Volume:
     if voxels.size == 0 or min(voxels.shape[:3]) == 0:
         raise ImageError(f"{path} is empty (shape {voxels.shape})")
     voxels = voxels.astype(np.float32)
-    if not np.isfinite(voxels).all():
+    if not np.isfinite(voxels).all() or _nifti_has_nonfinite(path):
         raise ImageError(f"{path} contains NaN or infinite values")
 
     if modality is None:

@@ -96,11 +96,16 @@ class Session:
     def add_roi(self, roi: list[float], label: int = 1, propagate: bool = True) -> None:
         """A 3D box [i0, i1, j0, j1, k0, k1] (Slicer's layout; each pair sorted): the structure lies inside.
 
-        With k0 == k1 it is a 2D box on one slice. The middle slice becomes a seed prompted with the
-        ROI's cross-section; propagation stays inside the ROI.
+        The middle slice becomes a seed prompted with the ROI's cross-section; propagation stays
+        inside the ROI. With k0 == k1 it is a 2D box: one more seed on that slice, and the label's
+        other seeds and extent stay (two boxes far apart fill the slices between them).
         """
         i0, i1, j0, j1, k0, k1 = self._check_roi(roi)
         track = self._track(label)
+        if k0 == k1:
+            track.seeds.setdefault(k0, SeedPrompt()).box = (i0, j0, i1, j1)
+            self._run(track, propagate)
+            return
         track.k_range, track.roi_box = (k0, k1), (i0, j0, i1, j1)
         for k in [k for k in track.masks if not k0 <= k <= k1]:
             del track.masks[k]
