@@ -55,6 +55,7 @@ class TrainConfig:
     max_corrective_clicks: int = 2
     eval_every: int = 50
     labels: list[int] | None = None  # None: every label present
+    val_labels: list[int] | None = None  # labels scored in validation (None: as `labels`)
     train_encoder: bool = False  # also train the encoder adapters (backpropagates through the encoder)
     val_every_nth_slice: int = 5  # without validation cases, hold out every n-th sample
 
@@ -354,7 +355,8 @@ def train(engine: Engine, cases: list[Case], out: str | Path, config: TrainConfi
     """Fine-tune engine.model on cases; best adapters go to `out` (atomically). Returns stats."""
     config = config or TrainConfig()
     data = SliceData.from_cases(engine, cases, config.labels)
-    val = SliceData.from_cases(engine, val_cases, config.labels) if val_cases else None
+    val_labels = config.val_labels if config.val_labels is not None else config.labels
+    val = SliceData.from_cases(engine, val_cases, val_labels) if val_cases else None
     return train_on(engine, data, val, out, config, resume, on_progress)
 
 

@@ -114,25 +114,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label_ids(requested: str | None, case) -> list[int] | None:
+    """`--labels spleen,5` -> label ids, checked against the case's label map."""
+    if not requested:
+        return None
+    import numpy as np
+
+    from .data import select_labels
+    from .io import load_image, resample_labels_to
+
+    present = set(np.unique(resample_labels_to(case.labels, load_image(case.image))).tolist())
+    return sorted(select_labels(requested, case, present))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .data import load_cases, select_labels
+    from .data import load_cases
     from .trainers import TrainConfig, init_distributed, train
 
     init_distributed()
     cases = load_cases(args.data, split=args.split)
-    labels = None
-    if args.labels:
-        import numpy as np
-
-        from .io import load_image, resample_labels_to
-
-        case = cases[0]
-        present = set(np.unique(resample_labels_to(case.labels, load_image(case.image))).tolist())
-        labels = sorted(select_labels(args.labels, case, present))
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         eval_every=args.eval_every, labels=labels, train_encoder=args.train_encoder)
     val_cases = load_cases(args.val) if args.val else None
+    labels = _label_ids(args.labels, cases[0])
+    val_labels = _label_ids(args.val_labels, val_cases[0]) if args.val_labels and val_cases else None
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         eval_every=args.eval_every, labels=labels, val_labels=val_labels,
+                         train_encoder=args.train_encoder)
     args.no_adapters = not args.adapters  # start from the backbone alone unless told to continue some adapters
+    import torch
+
+    torch.manual_seed(args.seed)  # random-weight backbones (tests) must be the same on every rank
     engine = _engine(args)
     stats = train(engine, cases, args.out, config, val_cases=val_cases, resume=not args.restart)
     best = max(stats["history"], key=lambda r: (r["dice_click1"] + r["dice_box"]) / 2) if stats["history"] else {}
@@ -161,6 +171,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             objectives=objectives)
     args.no_adapters = not args.adapters
+    import torch
+
+    torch.manual_seed(args.seed)  # as in train: a random-weight backbone is rebuilt identically
     result = pretrain(_engine(args), volumes, args.out, config)
     print(json.dumps(result))
     return 0
@@ -212,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--out", required=True, help="adapter file to write (best validation score)")
     trainer.add_argument("--val", help="validation DATA (default: every 5th slice of DATA held out)")
     trainer.add_argument("--labels", help="comma-separated label names or ids (default: all present)")
+    trainer.add_argument("--val-labels", help="labels scored in validation (default: as --labels)")
     trainer.add_argument("--split", help="datalist key (default: validation if present, else training)")
     trainer.add_argument("--steps", type=int, default=300)
     trainer.add_argument("--batch-size", type=int, default=8)

@@ -1,0 +1,199 @@
+"""Training (msa.trainers): what the training issue must show, on tiny random models.
+
+- only adapters, decoder block 2 and the mask head change; the frozen backbone is bit-identical;
+- an interrupted run resumes to exactly the result of an uninterrupted one (same seed);
+- a 2-process gloo run under torchrun ends with identical adapters on both ranks;
+- each self-supervised objective's loss falls; `msa pretrain` then `msa train` works;
+- simulated prompts: corrective clicks land in the error region with the right sign.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import msa
+import msa.cli
+from msa.checkpoint import read_checkpoint
+from msa.engine import Engine
+from msa.io import Volume
+from msa.trainers.finetune import SliceData, TrainConfig, train_on
+from msa.trainers.pretrain import PretrainConfig, pretrain
+from msa.trainers.prompts import corrective_click, jittered_box, random_clicks
+
+
+def synthetic_pair(seed: int = 0, depth: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """A small CT-like volume (K, J, I) in HU with two bright blobs labelled 1 and 2."""
+    rng = np.random.default_rng(seed)
+    voxels = rng.normal(-50, 30, (depth, 40, 48)).astype(np.float32)
+    labels = np.zeros(voxels.shape, np.uint8)
+    labels[:, 8:24, 6:22] = 1
+    labels[:, 22:34, 28:44] = 2
+    voxels[labels == 1] += 200
+    voxels[labels == 2] += 120
+    return voxels, labels
+
+
+def volume_of(voxels: np.ndarray) -> Volume:
+    return Volume(voxels=voxels, geometry=None, modality="ct", source="synthetic")
+
+
+def write_pair(folder: Path, seed: int = 0) -> str:
+    voxels, labels = synthetic_pair(seed)
+    image, label = folder / f"case{seed}.nii.gz", folder / f"case{seed}_labels.nii.gz"
+    for array, path in ((voxels.astype(np.int16), image), (labels, label)):
+        item = sitk.GetImageFromArray(array)
+        item.SetSpacing((1.5, 1.5, 3.0))
+        sitk.WriteImage(item, str(path))
+    return f"{image}:{label}"
+
+
+def tiny_engine(seed: int = 0) -> Engine:
+    torch.manual_seed(seed)
+    return Engine(msa.build_model("vit_tiny", pretrained=False))
+
+
+def run(engine: Engine, out: Path, steps: int = 6, on_progress=None, resume: bool = False) -> dict:
+    voxels, labels = synthetic_pair()
+    data = SliceData(engine, [(volume_of(voxels), labels)], None)
+    config = TrainConfig(steps=steps, batch_size=4, eval_every=2, seed=3)
+    return train_on(engine, data, None, out, config, resume=resume, on_progress=on_progress)
+
+
+def test_training_changes_only_the_trainable_parts(tmp_path: Path) -> None:
+    engine = tiny_engine()
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    run(engine, tmp_path / "a.pt")
+    after = engine.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "training changed nothing"
+    assert all(msa.is_trainable(k) for k in changed), sorted(k for k in changed if not msa.is_trainable(k))
+    # The encoder gets no gradient without --train-encoder: its adapters stay exactly zero.
+    assert not any(k.startswith("image_encoder.") for k in changed)
+    assert any(".transformer.layers.1." in k for k in changed)
+    assert any("prompt_adapter" in k for k in changed)
+
+
+def test_encoder_adapters_train_with_train_encoder_in_3d(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    engine = Engine(msa.build_model("vit_tiny", pretrained=False, three_d=True), slab_depth=3)
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    voxels, labels = synthetic_pair()
+    data = SliceData(engine, [(volume_of(voxels), labels)], None)
+    train_on(engine, data, None, tmp_path / "e.pt",
+             TrainConfig(steps=3, batch_size=2, eval_every=3, train_encoder=True), resume=False)
+    after = engine.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("image_encoder" in k and "depth_adapter" in k for k in changed)
+    assert all(msa.is_trainable(k) for k in changed)
+
+
+def test_interrupted_training_resumes_to_the_same_result(tmp_path: Path) -> None:
+    straight = tiny_engine()
+    run(straight, tmp_path / "straight.pt")
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(step: int, steps: int, record: dict) -> None:
+        if step == 3:  # after the state saved at step 2
+            raise Interrupted
+
+    out = tmp_path / "resumed.pt"
+    with pytest.raises(Interrupted):
+        run(tiny_engine(), out, on_progress=interrupt)
+    assert read_checkpoint(out.with_name(out.name + ".state"))["step"] == 2
+    resumed = tiny_engine()
+    result = run(resumed, out, resume=True)
+    assert result["steps"] == 6
+    expected = straight.model.trainable_state_dict()
+    got = resumed.model.trainable_state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_best_adapters_are_saved_and_load_into_a_fresh_model(tmp_path: Path) -> None:
+    engine = tiny_engine()
+    result = run(engine, tmp_path / "best.pt")
+    meta = msa.read_adapter_metadata(tmp_path / "best.pt")
+    assert meta["backbone"] == "vit_tiny"
+    best = max(result["history"], key=lambda r: (r["dice_click1"] + r["dice_box"]) / 2)
+    assert meta["extra"]["training"]["step"] == best["step"]
+    assert (tmp_path / "best.pt.logs" / "curves.png").stat().st_size > 0
+    fresh = tiny_engine()
+    msa.load_adapters(fresh.model, tmp_path / "best.pt")
+    assert fresh.model.adapters_meta["backbone"] == "vit_tiny"
+
+
+def test_ddp_two_gloo_processes_end_with_identical_adapters(tmp_path: Path) -> None:
+    data = write_pair(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "msa.cli", "train", data, "--out", str(tmp_path / "ddp.pt"), "--backbone", "vit_tiny",
+           "--steps", "4", "--batch-size", "2", "--eval-every", "2", "--seed", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(line["rank"] for line in lines) == [0, 1]
+    assert lines[0]["trainable_sha256"] == lines[1]["trainable_sha256"]
+    assert (tmp_path / "ddp.pt").is_file()
+
+
+@pytest.mark.parametrize("objective", ["mae", "emix", "shed"])
+def test_each_ssl_objective_loss_falls(objective: str, tmp_path: Path) -> None:
+    engine = tiny_engine()
+    voxels, _ = synthetic_pair(depth=6)
+    result = pretrain(engine, [volume_of(voxels)], tmp_path / "pre.pt",
+                      PretrainConfig(steps=40, batch_size=4, lr=1e-3, objectives=(objective,)), progress=False)
+    losses = result["losses"][objective]
+    print(objective, losses)
+    assert losses["last"] < losses["first"]
+    # Only encoder adapters learn in pretraining; the file is an ordinary adapter file.
+    state = read_checkpoint(tmp_path / "pre.pt")["state_dict"]
+    changed = [k for k, v in state.items() if k.endswith("up.weight") and v.abs().sum() > 0]
+    assert changed and all(k.startswith("image_encoder.") for k in changed)
+
+
+def test_pretrain_then_train_through_the_cli(tmp_path: Path) -> None:
+    data = write_pair(tmp_path)
+    image = data.split(":")[0]
+    assert msa.cli.main(["pretrain", image, "--out", str(tmp_path / "pre.pt"), "--backbone", "vit_tiny",
+                         "--steps", "3", "--objectives", "mae,shed"]) == 0
+    # vit_tiny has random weights: the same seed rebuilds the same backbone the adapters were made on.
+    torch.manual_seed(0)
+    assert msa.cli.main(["train", data, "--out", str(tmp_path / "ft.pt"), "--backbone", "vit_tiny",
+                         "--adapters", str(tmp_path / "pre.pt"), "--steps", "2", "--eval-every", "2",
+                         "--seed", "0"]) == 0
+    pre = read_checkpoint(tmp_path / "pre.pt")["state_dict"]
+    ft = read_checkpoint(tmp_path / "ft.pt")["state_dict"]
+    encoder = [k for k in pre if k.startswith("image_encoder.")]
+    assert encoder and all(torch.equal(pre[k], ft[k]) for k in encoder)  # carried over, untouched
+    assert any(not torch.equal(pre[k], ft[k]) for k in pre if k.startswith("mask_decoder."))
+
+
+def test_simulated_prompts() -> None:
+    rng = np.random.default_rng(0)
+    mask = np.zeros((30, 40), bool)
+    mask[5:20, 10:30] = True
+    for _ in range(20):
+        clicks = random_clicks(mask, rng)
+        assert clicks[0][2] == 1 and mask[int(clicks[0][1]), int(clicks[0][0])]
+        assert all(not mask[int(j), int(i)] for i, j, label in clicks if label == 0)
+        i0, j0, i1, j1 = jittered_box(mask, rng, jitter=0.1)
+        assert abs(i0 - 10) <= 2 and abs(j0 - 5) <= 1.5 and abs(i1 - 29) <= 2 and abs(j1 - 19) <= 1.5
+    missed = mask.copy()
+    missed[5:20, 20:30] = False  # the prediction lacks the right half: a positive click there
+    i, j, label = corrective_click(missed, mask)
+    assert label == 1 and 20 <= i < 30 and 5 <= j < 20
+    spill = mask.copy()
+    spill[22:29, 0:40] = True  # a false-positive band: a negative click in it
+    i, j, label = corrective_click(spill, mask)
+    assert label == 0 and 22 <= j < 29
+    assert corrective_click(mask, mask) is None
