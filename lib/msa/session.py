@@ -189,7 +189,7 @@ class Session:
         m = self.margin
         return (max(box[0] - m, lo_i), max(box[1] - m, lo_j), min(box[2] + m, hi_i), min(box[3] + m, hi_j))
 
-    def _segment(self, track: Track, k: int, box: Box | None, points=None) -> tuple[np.ndarray, float]:
+    def _segment(self, k: int, box: Box | None, points=None) -> tuple[np.ndarray, float]:
         if box is None and not any(p[2] == 1 for p in points or ()):
             return np.zeros(self.shape_kji[1:], dtype=bool), 0.0  # nothing says where the structure is
         logits, iou = self.engine.predict(self.volume, k, points=points or None, box=box)
@@ -197,7 +197,7 @@ class Session:
 
     def _segment_seed(self, track: Track, k: int) -> None:
         seed = track.seeds[k]
-        mask, _ = self._segment(track, k, seed.box, seed.points)
+        mask, _ = self._segment(k, seed.box, seed.points)
         track.masks[k] = mask
         if seed.box is not None:
             track.boxes[k] = seed.box
@@ -208,7 +208,7 @@ class Session:
         if box is None:
             return np.zeros_like(prev), 0.0
         track.boxes[k] = box
-        return self._segment(track, k, box)
+        return self._segment(k, box)
 
     def _ended(self, mask: np.ndarray, iou: float) -> bool:
         return int(mask.sum()) < self.min_pixels or iou < self.stop_iou

@@ -25,6 +25,7 @@ VENV_BIN = REPO / ".venv" / "bin" if (REPO / ".venv" / "bin" / "monailabel").exi
 CROP = (11, 19)  # axial slices [11, 19) of ct_abdomen: 8 slices, spleen on every one
 FRESH = (19, 23)  # 4 other slices: an image whose embeddings nobody has cached
 SPLEEN = 1
+MAIN_ID, FRESH_ID, COPY_ID = "ct_crop", "ct_fresh", "ct_crop_copy"  # image ids in the datastore
 START_TIMEOUT = 120.0
 
 

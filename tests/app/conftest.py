@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app_helpers import CROP, FRESH, SPLEEN, Server, Study, start_server, stop_server
+from app_helpers import COPY_ID, CROP, FRESH, FRESH_ID, MAIN_ID, SPLEEN, Server, Study, start_server, stop_server  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +78,6 @@ def client(server: Server, tmp_path_factory: pytest.TempPathFactory):
 
 # -- state on the module's server, built once and shared by the tests that need it -------------
 
-MAIN_ID, FRESH_ID, COPY_ID = "ct_crop", "ct_fresh", "ct_crop_copy"
-
 
 @pytest.fixture(scope="module")
 def main_image(client, study: Study) -> str:
@@ -109,3 +107,13 @@ def labeled(client, main_image: str, study: Study) -> str:
     response = client.save_label(main_image, str(study.spleen))
     assert response.get("image") == main_image, response
     return main_image
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used the server shows the server's last log lines."""
+    outcome = yield
+    report = outcome.get_result()
+    server = item.funcargs.get("server") if hasattr(item, "funcargs") else None
+    if report.failed and isinstance(server, Server):
+        report.sections.append(("server log (last lines)", server.log_tail(80)))

@@ -114,11 +114,14 @@ def test_roi_is_clipped_to_the_image(session):
 
 
 def test_2d_box_is_one_seed(session):
-    session.add_roi([3, 12, 4, 9, 3, 3])
+    """A 2D box (k0 == k1) adds a seed on its slice; it does not narrow the label to that slice."""
+    session.add_roi([3, 12, 4, 9, 3, 3], propagate=False)
     track = session.tracks[1]
-    assert track.k_range == (3, 3) and sorted(track.seeds) == [3]
+    assert track.k_range == (0, session.shape_kji[0] - 1) and sorted(track.seeds) == [3]
     assert track.seeds[3].box == (3, 4, 12, 9)
     assert set(track.masks) == {3}
+    session.add_roi([3, 12, 4, 9, 1, 1], propagate=False)
+    assert sorted(track.seeds) == [1, 3]  # a second box keeps the first
 
 
 def test_add_mask_shape_is_checked(session):
