@@ -77,15 +77,16 @@ def backbone_state_dict(obj: object) -> dict[str, torch.Tensor]:
 def adapter_config_of(state: dict[str, torch.Tensor]) -> AdapterConfig | None:
     """The hidden ratio that gives every adapter in `state` its width (None if it has no adapters).
 
-    An adapter of width `dim` has int(dim * ratio) hidden units, so each one bounds the ratio to
-    [hidden / dim, (hidden + 1) / dim); the ratio is the middle of all those bounds together.
+    An adapter of width `dim` has max(1, int(dim * ratio)) hidden units, so each one bounds the
+    ratio to [hidden / dim, (hidden + 1) / dim) (from 0 when hidden is 1); the ratio is the middle
+    of all those bounds together.
     Activation and s are not in the weights: the defaults (GELU, 0.5, as the reference code) apply.
     """
     low, high = 0.0, math.inf
     for key, value in state.items():
         if "_adapter.down.weight" in key:
             hidden, dim = value.shape
-            low, high = max(low, hidden / dim), min(high, (hidden + 1) / dim)
+            low, high = max(low, hidden / dim if hidden > 1 else 0.0), min(high, (hidden + 1) / dim)
     if high == math.inf:
         return None
     if low >= high:

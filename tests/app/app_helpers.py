@@ -19,7 +19,7 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
-APP_DIR = REPO / "monailabel_app"
+APP_DIR = Path(os.environ.get("MSA_TEST_APP_DIR") or REPO / "monailabel_app")  # override: run the tests on a copy
 # The `monailabel` launcher runs `python -m monailabel.main`: the venv's python must come first on PATH.
 VENV_BIN = REPO / ".venv" / "bin" if (REPO / ".venv" / "bin" / "monailabel").exists() else Path(sys.executable).parent
 CROP = (11, 19)  # axial slices [11, 19) of ct_abdomen: 8 slices, spleen on every one
