@@ -1,6 +1,6 @@
 """MSA adapters vs the backbone alone, side by side in one run, under several prompt protocols.
 
-    python bench/adapters_quality.py DATA [--labels a,b] [--adapters FILE] [--protocols box,click1,click3] [--noc]
+    python bench/adapters_quality.py DATA [--labels a,b] [--adapters FILE] [--protocols box,click1,click3] [--noc]  (NoC only with click1)
 
 Both models share one embedding cache: the shipped adapters train only the decoder side, so the
 encoder (the expensive part) runs once per slice for both. Prints a Markdown table and writes JSON
@@ -39,7 +39,7 @@ def main() -> None:
         for name, engine in (("backbone", backbone), ("msa", msa_engine)):
             start = time.time()
             results[f"{protocol}/{name}"] = evaluate(engine, cases, protocol, labels=args.labels,
-                                                     noc=args.noc and protocol.startswith("click"))
+                                                     noc=args.noc and protocol == "click1")
             results[f"{protocol}/{name}"]["seconds"] = round(time.time() - start, 1)
     labels = list(next(iter(results.values()))["per_label"])
     print(f"adapters: {adapters}\n")

@@ -14,17 +14,18 @@ and ROI boxes, and active-learning retraining of the adapters.
 
 from __future__ import annotations
 
-import logging
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 
-from lib.activelearning import ConfidenceScoring, LeastConfident
+from lib.activelearning import ConfidenceScoring, LeastConfident, RandomUnlabeled
 from lib.datastore import CheckedDatastore
 from lib.infers import MSAInfer, VolumeCache
 from lib.models import ModelProvider
@@ -32,7 +33,6 @@ from lib.server import move_inference_off_event_loop
 from lib.trainers import MSATrain
 from msa.errors import MSAError
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_LABELS = ("spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
                   "aorta", "inferior_vena_cava")
@@ -45,10 +45,13 @@ class MSAApp(MONAILabelApp):
         try:
             self.provider = ModelProvider(conf, Path(conf.get("model_dir", Path(app_dir) / "model")))
         except MSAError as exc:
-            logger.error(f"MSA app cannot start: {exc}")
-            print(f"MSA app cannot start: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+            # One line and exit code 2: raising would be caught by uvicorn's start-up hook and
+            # reported as a long traceback ending in "Application startup failed".
+            print(f"MSA app cannot start: {exc}", file=sys.stderr, flush=True)
+            os._exit(2)
         self.volumes = VolumeCache()
+        self.result_dir = tempfile.mkdtemp(prefix="msa-results-")  # label files on their way to clients
+        atexit.register(shutil.rmtree, self.result_dir, ignore_errors=True)
         self.confidence = ConfidenceScoring(self.provider, self.volumes)  # the uncertainty strategy uses it too
         self.structure_labels = [s.strip() for s in conf.get("labels", ",".join(DEFAULT_LABELS)).split(",") if s.strip()]
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="MSA",
@@ -60,8 +63,8 @@ class MSAApp(MONAILabelApp):
 
     def init_infers(self):
         return {
-            "msa": MSAInfer(self.provider, self.structure_labels, dimension=3, volumes=self.volumes),
-            "msa_2d": MSAInfer(self.provider, self.structure_labels, dimension=2, volumes=self.volumes),
+            "msa": MSAInfer(self.provider, self.structure_labels, 3, self.volumes, self.result_dir),
+            "msa_2d": MSAInfer(self.provider, self.structure_labels, 2, self.volumes, self.result_dir),
         }
 
     def init_trainers(self):
@@ -71,7 +74,7 @@ class MSAApp(MONAILabelApp):
         return {"msa_confidence": self.confidence}
 
     def init_strategies(self):
-        return {"random": Random(), "first": First(), "uncertainty": LeastConfident(self.confidence)}
+        return {"random": RandomUnlabeled(), "first": First(), "uncertainty": LeastConfident(self.confidence)}
 
     def on_init_complete(self) -> None:
         super().on_init_complete()

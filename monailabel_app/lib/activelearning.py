@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import numpy as np
 import torch
@@ -73,3 +74,15 @@ class LeastConfident(Strategy):
         image_id = min(scores, key=scores.get)
         logger.info(f"least confident: {image_id} ({scores[image_id]:.3f}) of {len(scores)}")
         return {"id": image_id, KEY: scores[image_id]}
+
+
+class RandomUnlabeled(Strategy):
+    """A random unlabeled image, uniformly. (MONAI Label's Random weighs images by the seconds since
+    each was last served, and fails when all of them were served within the current second.)"""
+
+    def __init__(self) -> None:
+        super().__init__("Random unlabeled image")
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict | None:
+        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        return {"id": random.choice(images)} if images else None

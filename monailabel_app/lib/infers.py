@@ -61,14 +61,15 @@ class MSAInfer(InferTask):
     dimension 2: only slice `slice` (default: the slice of the first click) is segmented.
     """
 
-    def __init__(self, provider: ModelProvider, labels: list[str], dimension: int, volumes: VolumeCache) -> None:
+    def __init__(self, provider: ModelProvider, labels: list[str], dimension: int, volumes: VolumeCache,
+                 result_dir: str) -> None:
         kind = "3D, slice-coherent propagation" if dimension == 3 else "2D, one slice"
         super().__init__(type=InferType.DEEPGROW, labels=labels, dimension=dimension,
                          description=f"MSA (Medical SAM Adapter): clicks and ROI boxes, {kind}",
                          config={"result_extension": ".nii.gz"})
         self.provider = provider
         self.volumes = volumes
-        self.result_dir = tempfile.mkdtemp(prefix="msa-results-")
+        self.result_dir = result_dir
 
     def is_valid(self) -> bool:
         return True

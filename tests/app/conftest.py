@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app_helpers import COPY_ID, CROP, FRESH, FRESH_ID, MAIN_ID, SPLEEN, Server, Study, start_server, stop_server  # noqa: F401
+from app_helpers import CROP, FRESH, FRESH_ID, MAIN_ID, SPLEEN, Server, Study, start_server, stop_server
 
 
 @pytest.fixture(scope="session")

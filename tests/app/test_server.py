@@ -294,15 +294,16 @@ def test_killed_training_leaves_the_published_adapters_intact(server, client, la
     task = client.train_start("msa", {"steps": 500, "batch_size": 2, "eval_every": 1})
     assert task.get("status") in ("SUBMITTED", "RUNNING"), task
     deadline = time.monotonic() + TRAIN_TIMEOUT
-    while True:  # midway: a draft is written and the run reports progress
+    while True:  # midway: this run reports progress (eval_every 1: its first draft is written by then)
         stats = read_json(stats_file)
-        if draft.is_file() and stats.get("status") == "RUNNING" and stats.get("start_ts") != old_stats.get("start_ts"):
+        if stats.get("status") == "RUNNING" and stats.get("start_ts") != old_stats.get("start_ts"):
             break
         task = client.train_status()
         assert task.get("status") in ("SUBMITTED", "RUNNING"), f"{task}\n{server.log_tail()}"
         assert time.monotonic() < deadline, f"no draft / RUNNING stats after {TRAIN_TIMEOUT} s: {stats}"
         time.sleep(0.5)
-    assert stats["step"] < 500
+    assert 1 <= stats["step"] < 500, stats
+    assert draft.is_file(), "no draft adapters after the first evaluation"  # what a kill must not publish
 
     stopped = client.train_stop()
     assert stopped and stopped.get("status") == "STOPPED", stopped
