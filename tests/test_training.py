@@ -197,3 +197,17 @@ def test_simulated_prompts() -> None:
     i, j, label = corrective_click(spill, mask)
     assert label == 0 and 22 <= j < 29
     assert corrective_click(mask, mask) is None
+
+
+def test_eval_click_protocols_share_one_click_sequence_with_noc(tmp_path: Path) -> None:
+    """NoC runs on the protocol's own click sequence: asking for it must not change the Dice."""
+    from msa.data import load_cases
+    from msa.evaluate import evaluate
+
+    cases = load_cases(write_pair(tmp_path))
+    engine = tiny_engine()
+    plain = evaluate(engine, cases, "click3")
+    with_noc = evaluate(engine, cases, "click3", noc=True)
+    assert with_noc["mean_dice"] == plain["mean_dice"]
+    for row in with_noc["per_label"].values():
+        assert 1 <= row["noc85"] <= row["noc90"] <= 20
