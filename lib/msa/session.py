@@ -8,8 +8,8 @@ prompts; every other slice is prompted with the bounding box (+margin) of its ne
 walking away from the seeds in both directions:
 - between two seeds the walk comes from both ends and never stops (if a neighbour's mask is
   empty, the box is interpolated between the two seeds' boxes), so the gap is never left empty;
-- beyond the outermost seeds it stops where the structure ends (empty or low-confidence mask) or
-  at the ROI's first/last slice;
+- beyond the outermost seeds it stops where the structure ends (an empty mask; without an ROI,
+  also a low-confidence one) or at the ROI's first/last slice;
 - a correction on one slice walks outward from it only while the masks it produces differ from
   the ones already there.
 """
@@ -210,8 +210,15 @@ class Session:
         track.boxes[k] = box
         return self._segment(k, box)
 
-    def _ended(self, mask: np.ndarray, iou: float) -> bool:
-        return int(mask.sum()) < self.min_pixels or iou < self.stop_iou
+    def _ended(self, track: Track, mask: np.ndarray, iou: float) -> bool:
+        """The structure has ended: an (almost) empty mask, or, without an ROI, a low-confidence one.
+
+        Inside an ROI the user has said the structure spans the ROI's slices, so the model's own
+        confidence does not stop the walk there (its tips have small, low-confidence masks).
+        """
+        if int(mask.sum()) < self.min_pixels:
+            return True
+        return track.roi_box is None and iou < self.stop_iou
 
     def _run(self, track: Track, propagate: bool) -> None:
         """Segment every seed, fill the gaps between seeds, extend beyond the outermost ones."""
@@ -259,7 +266,7 @@ class Session:
             inside_gap = a is not None and b is not None
             fallback = self._interpolated_box(track, a, b, k) if inside_gap else None
             mask, iou = self._step(track, k, prev, fallback)
-            if not inside_gap and self._ended(mask, iou):
+            if not inside_gap and self._ended(track, mask, iou):
                 # The structure ends here: drop what older propagation left further out.
                 while lo <= k <= hi and k not in track.seeds:
                     track.masks.pop(k, None)
