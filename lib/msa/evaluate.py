@@ -49,32 +49,6 @@ def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> dic
 
 
 NOC_TARGETS = (0.85, 0.90)
-MAX_CLICKS = 20
-
-
-def _click_session(engine: Engine, volume, k: int, ref: np.ndarray, clicks: int, targets: tuple[float, ...]):
-    """One simulated user on slice k: first click at the interior-most pixel, then each click at the
-    centre of the largest error. Returns the prediction after `clicks` clicks, the clicks made by
-    then, and {target: clicks needed to reach Dice >= target} (MAX_CLICKS when never), the
-    same click sequence serving both the protocol and NoC."""
-    clicker = _SliceClicker(engine, volume, k)
-    pred = clicker(interior_point(ref), True)
-    kept, reached = (pred, list(clicker.points)), {}
-    for n in range(1, MAX_CLICKS + 1):
-        if n > 1:
-            spot = metrics.next_click(pred, ref)
-            if spot is None:  # exact: every target is reached
-                break
-            pred = clicker(*spot)
-        if n == clicks:
-            kept = (pred, list(clicker.points))
-        score = metrics.dice(pred, ref)
-        reached.update({t: n for t in targets if t not in reached and score >= t})
-        if n >= clicks and len(reached) == len(targets):
-            break
-    if len(kept[1]) < clicks:  # stopped early because the mask was exact
-        kept = (pred, list(clicker.points))
-    return kept[0], kept[1], {t: reached.get(t, MAX_CLICKS) for t in targets}
 
 
 class _SliceClicker:
@@ -145,8 +119,11 @@ def evaluate(
                     pred = engine.predict(volume, k, box=box)[0] > 0
                     points = []
                 else:
-                    pred, points, reached = _click_session(engine, volume, k, ref_k, 3 if protocol == "click3" else 1,
-                                                           NOC_TARGETS if noc else ())
+                    # One simulated user serves the protocol and NoC: same click sequence.
+                    clicker, clicks = _SliceClicker(engine, volume, k), 3 if protocol == "click3" else 1
+                    pred, reached = metrics.simulate_clicks(clicker, ref_k, NOC_TARGETS if noc else (), clicks,
+                                                            first=(interior_point(ref_k), True))
+                    points = clicker.points[:clicks]
                     row.update({f"noc{round(100 * t)}": n for t, n in reached.items()})
                 row.update(_score(pred, ref_k, spacing_kji[1:]))
                 per_label.setdefault(name, []).append(row)

@@ -66,20 +66,40 @@ def next_click(pred: np.ndarray, ref: np.ndarray) -> tuple[tuple[int, ...], bool
     return None if best is None else (best[1], best[2])
 
 
+def simulate_clicks(
+    click: Callable[[tuple[int, ...], bool], np.ndarray],
+    ref: np.ndarray,
+    targets: tuple[float, ...] = (),
+    keep_after: int = 1,
+    max_clicks: int = 20,
+    first: tuple[tuple[int, ...], bool] | None = None,
+) -> tuple[np.ndarray, dict[float, int]]:
+    """A simulated user: each click at the centre of the largest error region (`first` overrides the
+    first one). click(index, positive) adds one click and returns the new prediction.
+
+    Returns the prediction after `keep_after` clicks (or the last one, if the mask became exact
+    sooner) and {target: clicks until Dice >= target}, max_clicks when never reached (the usual
+    NoC convention). Clicking stops once every target is reached and keep_after clicks are made.
+    """
+    pred = np.zeros_like(ref, dtype=bool)
+    kept, reached = None, {}
+    for n in range(1, max_clicks + 1):
+        spot = first if n == 1 and first is not None else next_click(pred, ref)
+        if spot is None:  # exact after n - 1 clicks (0 for an empty reference): every target is reached
+            reached.update({t: n - 1 for t in targets if t not in reached})
+            break
+        pred = click(*spot)
+        if n == keep_after:
+            kept = pred
+        score = dice(pred, ref)
+        reached.update({t: n for t in targets if t not in reached and score >= t})
+        if n >= keep_after and len(reached) == len(targets):
+            break
+    return (pred if kept is None else kept), {t: reached.get(t, max_clicks) for t in targets}
+
+
 def number_of_clicks(
     click: Callable[[tuple[int, ...], bool], np.ndarray], ref: np.ndarray, target: float, max_clicks: int = 20
 ) -> int:
-    """NoC@target: clicks until Dice >= target; each click goes to the centre of the largest error.
-
-    click(index, positive) adds one click and returns the new prediction. Returns max_clicks when
-    the target is never reached (the usual convention).
-    """
-    pred = np.zeros_like(ref, dtype=bool)
-    for n in range(1, max_clicks + 1):
-        spot = next_click(pred, ref)
-        if spot is None:
-            return n - 1
-        pred = click(*spot)
-        if dice(pred, ref) >= target:
-            return n
-    return max_clicks
+    """NoC@target: clicks until Dice >= target (max_clicks when never); see simulate_clicks."""
+    return simulate_clicks(click, ref, (target,), max_clicks=max_clicks)[1][target]
