@@ -80,3 +80,13 @@ def test_slice_to_rgb():
     assert rgb.shape == (3, 2, 3) and all(torch.equal(rgb[c], torch.from_numpy(gray)) for c in range(3))
     color = np.random.default_rng(0).random((2, 3, 3)).astype(np.float32)
     assert torch.equal(slice_to_rgb(color), torch.from_numpy(color).permute(2, 0, 1))
+
+
+def test_mask_to_model_pads_with_fill_not_with_the_mask():
+    """A mask covering its whole slice must not spill into the padding (training targets)."""
+    geometry = SliceGeometry(101, 122, 256)  # taller padding below the resized slice
+    full = torch.ones(1, 1, 101, 122)
+    out = geometry.mask_to_model(full, 256)
+    rows, cols = geometry.resized
+    assert out[..., :rows, :cols].min() == 1 and out[..., rows:, :].max() == 0
+    assert geometry.mask_to_model(full, 256, fill=-20.0)[..., rows:, :].max() == -20.0

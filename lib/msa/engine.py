@@ -152,7 +152,7 @@ class Engine:
         if mask_input is not None:
             side = self.model.prompt_encoder.mask_input_size[0]
             logits = torch.as_tensor(mask_input, dtype=torch.float32)[None, None]
-            dense = geometry.mask_to_model(logits, side).to(device)
+            dense = geometry.mask_to_model(logits, side, fill=float(logits.min())).to(device)
         # One click alone is ambiguous: ask for three masks and keep the one the model trusts most.
         multimask = (self.multimask_single_click and box is None and mask_input is None
                      and points is not None and len(points) == 1)

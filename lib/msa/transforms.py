@@ -112,13 +112,14 @@ class SliceGeometry:
         x = x[..., :rows, :cols]
         return F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False)
 
-    def mask_to_model(self, mask: torch.Tensor, size: int) -> torch.Tensor:
-        """(N, M, H, W) slice-grid values -> (N, M, size, size) on the model grid (e.g. 256 for mask prompts)."""
+    def mask_to_model(self, mask: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
+        """(N, M, H, W) slice-grid values -> (N, M, size, size) on the model grid (e.g. 256 for mask
+        prompts); the padding gets `fill` (0 for masks, a very negative logit for mask prompts)."""
         rows, cols = self.resized
         f = size / self.target
         r, c = int(rows * f + 0.5), int(cols * f + 0.5)
         x = F.interpolate(mask, size=(r, c), mode="bilinear", align_corners=False)
-        return F.pad(x, (0, size - c, 0, size - r), value=float(mask.min()) if mask.numel() else 0.0)
+        return F.pad(x, (0, size - c, 0, size - r), value=fill)
 
     def coords_to_model(self, xy: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(..., 2) pixel (x, y) -> model input (x, y)."""
