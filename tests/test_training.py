@@ -140,7 +140,12 @@ def test_ddp_two_gloo_processes_end_with_identical_adapters(tmp_path: Path) -> N
            "--steps", "4", "--batch-size", "2", "--eval-every", "2", "--seed", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines, decoder, text = [], json.JSONDecoder(), proc.stdout
+    start = text.find("{")
+    while start != -1:  # one JSON object per rank (robust to lines that still met on the way)
+        obj, end = decoder.raw_decode(text, start)
+        lines.append(obj)
+        start = text.find("{", end)
     assert sorted(line["rank"] for line in lines) == [0, 1]
     assert lines[0]["trainable_sha256"] == lines[1]["trainable_sha256"]
     assert (tmp_path / "ddp.pt").is_file()

@@ -146,8 +146,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     engine = _engine(args)
     stats = train(engine, cases, args.out, config, val_cases=val_cases, resume=not args.restart)
     best = max(stats["history"], key=lambda r: (r["dice_click1"] + r["dice_box"]) / 2) if stats["history"] else {}
-    print(json.dumps({"adapters": stats["adapters"], "steps": stats["steps"], "best": best, "rank": stats["rank"],
-                      "trainable_sha256": stats["trainable_sha256"]}))
+    line = json.dumps({"adapters": stats["adapters"], "steps": stats["steps"], "best": best, "rank": stats["rank"],
+                       "trainable_sha256": stats["trainable_sha256"]})
+    sys.stdout.write(line + "\n")  # one write: under torchrun, ranks share stdout and must not interleave
+    sys.stdout.flush()
     return 0
 
 
