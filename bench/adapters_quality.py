@@ -1,6 +1,7 @@
 """MSA adapters vs the backbone alone, side by side in one run, under several prompt protocols.
 
     python bench/adapters_quality.py DATA [--labels a,b] [--adapters FILE] [--protocols box,click1,click3] [--noc]  (NoC only with click1)
+                                          [--no-refine]  (clicks decoded once, without the box of their first mask)
 
 Both models share one embedding cache: the shipped adapters train only the decoder side, so the
 encoder (the expensive part) runs once per slice for both. Prints a Markdown table and writes JSON
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--adapters", help="default: the adapters shipped for lite_medsam")
     parser.add_argument("--protocols", default="box,click1,click3")
     parser.add_argument("--noc", action="store_true")
+    parser.add_argument("--no-refine", action="store_true")
     parser.add_argument("--json-out")
     args = parser.parse_args()
 
@@ -34,6 +36,7 @@ def main() -> None:
     backbone = Engine(build_model("lite_medsam"), progress=True)
     adapters = args.adapters or default_adapters("lite_medsam")
     msa_engine = Engine(build_model("lite_medsam", adapters=adapters), cache=backbone.cache, progress=True)
+    backbone.refine_clicks = msa_engine.refine_clicks = not args.no_refine
     results = {}
     for protocol in args.protocols.split(","):
         for name, engine in (("backbone", backbone), ("msa", msa_engine)):
@@ -42,7 +45,7 @@ def main() -> None:
                                                      noc=args.noc and protocol == "click1")
             results[f"{protocol}/{name}"]["seconds"] = round(time.time() - start, 1)
     labels = list(next(iter(results.values()))["per_label"])
-    print(f"adapters: {adapters}\n")
+    print(f"adapters: {adapters}; click refinement {'off' if args.no_refine else 'on'}\n")
     print("| protocol | model | " + " | ".join(labels) + " | mean Dice | NoC@85 | NoC@90 |")
     print("|---" * (len(labels) + 5) + "|")
     for key, summary in results.items():

@@ -4,7 +4,8 @@
 - an interrupted run resumes to exactly the result of an uninterrupted one (same seed);
 - a 2-process gloo run under torchrun ends with identical adapters on both ranks;
 - each self-supervised objective's loss falls; `msa pretrain` then `msa train` works;
-- simulated prompts: corrective clicks land in the error region with the right sign.
+- simulated prompts: corrective clicks land in the error region with the right sign;
+- box-only samples learn the teacher's (the backbone's) answer; zoomed copies of the training data.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import msa.cli
 from msa.checkpoint import read_checkpoint
 from msa.engine import Engine
 from msa.io import Volume
-from msa.trainers.finetune import SliceData, TrainConfig, train_on
+from msa.trainers.finetune import Prompt, SliceData, TrainConfig, Trainer, train_on, zoom_in_plane
 from msa.trainers.pretrain import PretrainConfig, pretrain
 from msa.trainers.prompts import corrective_click, jittered_box, random_clicks
 
@@ -216,3 +217,70 @@ def test_eval_click_protocols_share_one_click_sequence_with_noc(tmp_path: Path) 
     assert with_noc["mean_dice"] == plain["mean_dice"]
     for row in with_noc["per_label"].values():
         assert 1 <= row["noc85"] <= row["noc90"] <= 20
+
+
+def test_zoom_in_plane_pads_or_crops_image_and_labels_together() -> None:
+    voxels, labels = synthetic_pair()  # (4, 40, 48)
+    volume = volume_of(voxels)
+    wide, wide_labels = zoom_in_plane(volume, labels, 1.5)
+    assert wide.voxels.shape == wide_labels.shape == (4, 60, 72)
+    np.testing.assert_array_equal(wide.voxels[:, 10:50, 12:60], voxels)  # the original, centred
+    np.testing.assert_array_equal(wide_labels[:, 10:50, 12:60], labels)
+    border = np.ones((60, 72), bool)
+    border[10:50, 12:60] = False
+    assert (wide.voxels[:, border] == voxels.min()).all() and not wide_labels[:, border].any()
+    close, close_labels = zoom_in_plane(volume, labels, 0.5)
+    assert close.voxels.shape == (4, 20, 24)
+    np.testing.assert_array_equal(close.voxels, voxels[:, 10:30, 12:36])
+    np.testing.assert_array_equal(close_labels, labels[:, 10:30, 12:36])
+    assert zoom_in_plane(volume, labels, 1.0)[0] is volume
+    data = SliceData(tiny_engine(), [(volume, labels)], None, [1.0, 1.5])
+    assert {s.case for s in data.samples} == {0, 1}  # samples come from both scales
+    assert data.volumes[1].key != volume.key  # and the zoomed copy has its own cache entries
+
+
+def test_prompt_mix_gives_boxes_clicks_and_both(tmp_path: Path) -> None:
+    engine = tiny_engine()
+    voxels, labels = synthetic_pair()
+    data = SliceData(engine, [(volume_of(voxels), labels)], None)
+    for box_p, both_p, expected in ((1.0, 0.0, {"box"}), (0.0, 1.0, {"both"}), (0.0, 0.0, {"clicks"})):
+        config = TrainConfig(batch_size=6, box_probability=box_p, box_click_probability=both_p)
+        trainer = Trainer(engine, data, data.samples, data, config, tmp_path / "p.pt")
+        samples = data.samples[:6]
+        prompts = trainer._prompts(np.random.default_rng(0), samples, data.embeddings(samples, False))
+        assert {p.kind for p in prompts} == expected
+        for p, s in zip(prompts, samples):
+            if p.clicks:
+                assert p.clicks[0][2] == 1 and data.target(s)[int(p.clicks[0][1]), int(p.clicks[0][0])]
+    assert Prompt(clicks=[(1.0, 2.0, 1)], box=(0, 0, 5, 5)).kind == "both"
+
+
+def test_box_samples_learn_the_teacher_not_the_labels(tmp_path: Path) -> None:
+    """Box-only training with a teacher keeps the box answer near the teacher's; with labels it moves away."""
+    voxels, labels = synthetic_pair()
+    volume = volume_of(voxels)
+    box = (6.0, 8.0, 21.0, 23.0)  # label 1's box (i0, j0, i1, j1)
+
+    def box_logits_after(teacher) -> np.ndarray:
+        engine = tiny_engine()
+        data = SliceData(engine, [(volume, labels)], None)
+        config = TrainConfig(steps=16, batch_size=4, lr=1e-3, eval_every=16, box_probability=1.0,
+                             box_click_probability=0.0)
+        train_on(engine, data, None, tmp_path / "t.pt", config, resume=False, teacher=teacher)
+        return engine.predict(volume, 1, box=box)[0]
+
+    teacher = tiny_engine()  # the same random backbone, untrained: its answer is the start point
+    start = teacher.predict(volume, 1, box=box)[0]
+    with_teacher = box_logits_after(teacher.model)
+    with_labels = box_logits_after(None)
+    drift = lambda logits: float(np.abs(torch.sigmoid(torch.from_numpy(logits)).numpy()
+                                        - torch.sigmoid(torch.from_numpy(start)).numpy()).mean())
+    assert drift(with_teacher) < 0.5 * drift(with_labels), (drift(with_teacher), drift(with_labels))
+
+
+def test_train_cli_rejects_bad_scales_and_prompt_mixes(tmp_path: Path) -> None:
+    data = write_pair(tmp_path)
+    for bad in (["--scales", "1,zero"], ["--scales", "0"], ["--scales", "-1.5"],
+                ["--box-probability", "0.7", "--box-click-probability", "0.5"], ["--box-probability", "-0.1"]):
+        assert msa.cli.main(["train", data, "--out", str(tmp_path / "a.pt"), "--backbone", "vit_tiny", *bad]) == 2
+    assert not (tmp_path / "a.pt").exists()

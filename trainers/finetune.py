@@ -1,9 +1,15 @@
 """MSA fine-tuning with simulated prompts: adapters, decoder block 2 and mask head learn.
 
-Each step draws a batch of (slice, label) samples. A sample is prompted either with a jittered box
-or with clicks: random clicks first, then 0..max_corrective_clicks rounds in which the model's own
-prediction is computed (no gradient) and a click is added at the centre of its largest error. The
-loss (Dice + BCE on the masks, MSE on the predicted IoU) is taken on the final prompt set.
+Each step draws a batch of (slice, label) samples. A sample is prompted with a jittered box, with
+clicks, or with both (the engine refines a click's mask with the box of that mask plus the clicks).
+Clicks start random; then come 0..max_corrective_clicks rounds in which the model's own prediction
+is computed (no gradient) and a click is added at the centre of its largest error. The loss (Dice +
+BCE on the masks, MSE on the predicted IoU) is taken on the final prompt set. Box-only samples learn
+the frozen backbone's answer when a teacher is given: the backbone is already good with boxes, and
+one training volume would otherwise pull box quality towards that volume's look.
+
+Scales other than 1 add copies of the training volumes zoomed in (centre crop) or out (padding),
+so that structures are seen at more than one size relative to the field of view.
 
 With the encoder adapters left untrained (the default, right for CPUs) the image embeddings are
 constant, so each slice is encoded once up front and training runs on the mask decoder only.
@@ -21,7 +27,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +43,7 @@ from msa.engine import Engine
 from msa.errors import MSAError
 from msa.evaluate import MIN_SLICE_VOXELS, interior_point
 from msa.io import Volume, load_image, resample_labels_to
+from msa.modeling.msa import MSA
 from msa.metrics import dice
 from msa.transforms import SliceGeometry
 
@@ -51,13 +58,22 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 10  # linear warm-up, then cosine decay to 0
     seed: int = 0
-    box_probability: float = 0.3  # the rest of the samples are prompted with clicks
+    box_probability: float = 0.25  # box only
+    box_click_probability: float = 0.4  # box and clicks; the rest of the samples get clicks only
     max_corrective_clicks: int = 2
     eval_every: int = 50
     labels: list[int] | None = None  # None: every label present
     val_labels: list[int] | None = None  # labels scored in validation (None: as `labels`)
     train_encoder: bool = False  # also train the encoder adapters (backpropagates through the encoder)
     val_every_nth_slice: int = 5  # without validation cases, hold out every n-th sample
+    scales: list[float] = field(default_factory=lambda: [1.0])  # in-plane zooms of the training volumes
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.box_probability and 0 <= self.box_click_probability
+                and self.box_probability + self.box_click_probability <= 1):
+            raise MSAError("box and box+click probabilities must be >= 0 and sum to at most 1")
+        if not self.scales or not all(0 < s <= 4 for s in self.scales):
+            raise MSAError(f"scales must lie in (0, 4], got {self.scales}")
 
 
 @dataclass
@@ -67,11 +83,23 @@ class Sample:
     label: int
 
 
+@dataclass
+class Prompt:
+    clicks: list[tuple[float, float, int]] | None = None
+    box: tuple[float, float, float, float] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "both" if self.clicks and self.box else "clicks" if self.clicks else "box"
+
+
 class SliceData:
     """Volumes, reference label maps (K, J, I) and the (slice, label) samples drawn from them."""
 
-    def __init__(self, engine: Engine, pairs: list[tuple[Volume, np.ndarray]], labels: list[int] | None) -> None:
+    def __init__(self, engine: Engine, pairs: list[tuple[Volume, np.ndarray]], labels: list[int] | None,
+                 scales: list[float] = (1.0,)) -> None:
         self.engine = engine
+        pairs = [zoom_in_plane(volume, reference, s) for volume, reference in pairs for s in scales]
         self.volumes = [volume for volume, _ in pairs]
         self.references = [reference for _, reference in pairs]
         self.samples: list[Sample] = []
@@ -84,12 +112,13 @@ class SliceData:
             raise MSAError("no training samples: the chosen labels are absent or too small in the data")
 
     @classmethod
-    def from_cases(cls, engine: Engine, cases: list[Case], labels: list[int] | None) -> "SliceData":
+    def from_cases(cls, engine: Engine, cases: list[Case], labels: list[int] | None,
+                   scales: list[float] = (1.0,)) -> "SliceData":
         pairs = []
         for case in cases:
             volume = load_image(case.image)
             pairs.append((volume, resample_labels_to(case.labels, volume)))
-        return cls(engine, pairs, labels)
+        return cls(engine, pairs, labels, scales)
 
     def encode_all(self) -> None:
         for index, volume in enumerate(self.volumes):
@@ -122,6 +151,25 @@ class SliceData:
         return torch.stack(out)
 
 
+def zoom_in_plane(volume: Volume, reference: np.ndarray, scale: float) -> tuple[Volume, np.ndarray]:
+    """The volume and its labels with a field of view `scale` times as wide (scale > 1: padding with the
+    image's minimum, i.e. air in CT; scale < 1: a centre crop), so structures look 1/scale as large."""
+    if scale == 1:
+        return volume, reference
+    voxels = volume.voxels
+    pads, crops = [(0, 0)] * voxels.ndim, [slice(None)] * voxels.ndim
+    for axis in (1, 2):  # (K, J, I[, 3]): rows and columns
+        n = voxels.shape[axis]
+        m = max(1, round(n * scale))
+        if m > n:
+            pads[axis] = ((m - n) // 2, m - n - (m - n) // 2)
+        else:
+            crops[axis] = slice((n - m) // 2, (n - m) // 2 + m)
+    voxels = np.pad(voxels[tuple(crops)], pads, constant_values=voxels.min())
+    reference = np.pad(reference[tuple(crops[:3])], pads[:3], constant_values=0)
+    return Volume(voxels=voxels, geometry=None, modality=volume.modality, source=f"{volume.source} x{scale:g}"), reference
+
+
 def _rank() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -130,8 +178,9 @@ def _rank() -> tuple[int, int]:
 
 class Trainer:
     def __init__(self, engine: Engine, train: SliceData, val_samples: list[Sample], val: SliceData,
-                 config: TrainConfig, out: Path) -> None:
+                 config: TrainConfig, out: Path, teacher: MSA | None = None) -> None:
         self.engine, self.model, self.train, self.val = engine, engine.model, train, val
+        self.teacher = teacher.to(self.model.device).eval() if teacher is not None else None
         self.val_samples, self.config, self.out = val_samples, config, Path(out)
         # Without encoder training the embeddings are fixed, so the encoder adapters get no gradient
         # and must stay out of the optimizer (weight decay alone would shrink them).
@@ -161,7 +210,8 @@ class Trainer:
 
     # -- prompts and forward -----------------------------------------------------------------------
 
-    def _decode(self, embeddings: torch.Tensor, samples: list[Sample], clicks: list | None, boxes: list | None):
+    def _decode(self, embeddings: torch.Tensor, samples: list[Sample], clicks: list | None, boxes: list | None,
+                model: MSA | None = None):
         """Batched prompt encoder + decoder; returns low-res logits (B, 1, s, s) and IoU (B, 1)."""
         device = embeddings.device
         points = box = None
@@ -177,8 +227,20 @@ class Trainer:
             box = torch.stack([self.train.geometry(s).boxes_to_model(np.array(bx)) for s, bx in zip(samples, boxes)])
             box = box.to(device)
         with self.autocast:
-            low_res, iou = self.model.decode(embeddings, points, box, None, multimask_output=False)
+            low_res, iou = (model or self.model).decode(embeddings, points, box, None, multimask_output=False)
         return low_res.float(), iou.float()
+
+    def _decode_prompts(self, embeddings: torch.Tensor, samples: list[Sample], prompts: list[Prompt]):
+        """_decode for mixed prompts: one batched call per kind (clicks / box / both), results in order."""
+        low_res, iou = [None] * len(samples), [None] * len(samples)
+        for kind in sorted({p.kind for p in prompts}):
+            picked = [b for b, p in enumerate(prompts) if p.kind == kind]
+            out = self._decode(embeddings[picked], [samples[b] for b in picked],
+                               [prompts[b].clicks for b in picked] if prompts[picked[0]].clicks else None,
+                               [prompts[b].box for b in picked] if prompts[picked[0]].box else None)
+            for n, b in enumerate(picked):
+                low_res[b], iou[b] = out[0][n], out[1][n]
+        return torch.stack(low_res), torch.stack(iou)
 
     def _to_slice(self, s: Sample, low_res: torch.Tensor) -> np.ndarray:
         return (self.train.geometry(s).logits_to_image(low_res[None].detach().cpu())[0, 0] > 0).numpy()
@@ -188,34 +250,45 @@ class Trainer:
                  for s in samples]
         return (torch.cat(masks) > 0.5).float()
 
-    def _prompts(self, rng: np.random.Generator, samples: list[Sample], embeddings: torch.Tensor) -> list:
-        """Per sample: ('box', box) or ('clicks', clicks) after its corrective rounds (no gradient)."""
+    def _prompts(self, rng: np.random.Generator, samples: list[Sample], embeddings: torch.Tensor) -> list[Prompt]:
+        """Per sample: a box, clicks, or both, clicks after their corrective rounds (no gradient)."""
+        config = self.config
         prompts, rounds = [], []
         for s in samples:
-            if rng.random() < self.config.box_probability:
-                prompts.append(("box", jittered_box(self.train.target(s), rng)))
+            target = self.train.target(s)
+            draw = rng.random()
+            if draw < config.box_probability:
+                prompts.append(Prompt(box=jittered_box(target, rng)))
                 rounds.append(0)
-            else:
-                prompts.append(("clicks", random_clicks(self.train.target(s), rng)))
-                rounds.append(int(rng.integers(0, self.config.max_corrective_clicks + 1)))
+                continue
+            # A box drawn with the clicks stands for the box of the engine's first, click-only mask.
+            box = jittered_box(target, rng, 0.2) if draw < config.box_probability + config.box_click_probability else None
+            prompts.append(Prompt(clicks=random_clicks(target, rng), box=box))
+            rounds.append(int(rng.integers(0, config.max_corrective_clicks + 1)))
         for round_ in range(max(rounds, default=0)):
             active = [b for b, r in enumerate(rounds) if r > round_]
             with torch.no_grad():
-                low_res, _ = self._decode(embeddings[active].detach(), [samples[b] for b in active],
-                                          [prompts[b][1] for b in active], None)
+                low_res, _ = self._decode_prompts(embeddings[active].detach(), [samples[b] for b in active],
+                                                  [prompts[b] for b in active])
             for b, logits in zip(active, low_res):
                 click = corrective_click(self._to_slice(samples[b], logits), self.train.target(samples[b]))
                 if click is not None:
-                    prompts[b][1].append(click)
+                    prompts[b].clicks.append(click)
         return prompts
 
-    def _loss(self, embeddings: torch.Tensor, samples: list[Sample], clicks, boxes) -> torch.Tensor:
-        low_res, iou_pred = self._decode(embeddings, samples, clicks, boxes)
+    def _loss(self, embeddings: torch.Tensor, samples: list[Sample], prompts: list[Prompt]) -> torch.Tensor:
+        low_res, iou_pred = self._decode_prompts(embeddings, samples, prompts)
         target = self._targets(samples, low_res.shape[-1]).to(low_res.device)
+        box_only = [b for b, p in enumerate(prompts) if p.kind == "box"]
+        if self.teacher is not None and box_only:
+            with torch.no_grad():  # soft targets: the backbone's probabilities
+                teacher, _ = self._decode(embeddings[box_only].detach(), [samples[b] for b in box_only], None,
+                                          [prompts[b].box for b in box_only], model=self.teacher)
+            target[box_only] = torch.sigmoid(teacher)
         with torch.no_grad():
-            pred = (low_res > 0).float()
-            inter = (pred * target).sum(dim=(1, 2, 3))
-            union = ((pred + target) > 0).float().sum(dim=(1, 2, 3))
+            pred, hard = (low_res > 0).float(), (target > 0.5).float()
+            inter = (pred * hard).sum(dim=(1, 2, 3))
+            union = ((pred + hard) > 0).float().sum(dim=(1, 2, 3))
             true_iou = (inter / union.clamp(min=1))[:, None]
         return self.loss(low_res, target) + F.mse_loss(iou_pred, true_iou)
 
@@ -228,14 +301,7 @@ class Trainer:
             embeddings = self.train.embeddings(samples, self.config.train_encoder).float()
         prompts = self._prompts(rng, samples, embeddings)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=embeddings.device)
-        for kind in ("box", "clicks"):
-            picked = [b for b, p in enumerate(prompts) if p[0] == kind]
-            if picked:
-                given = [prompts[b][1] for b in picked]
-                part = self._loss(embeddings[picked], [samples[b] for b in picked],
-                                  given if kind == "clicks" else None, given if kind == "box" else None)
-                loss = loss + part * len(picked) / len(samples)
+        loss = self._loss(embeddings, samples, prompts)
         loss.backward()  # (no dropout or batch norm in the decoder: no train/eval switching needed)
         if self.world > 1:
             for p in self.params:
@@ -351,17 +417,21 @@ def write_curves(history: list[dict], out: Path) -> None:
 
 
 def train(engine: Engine, cases: list[Case], out: str | Path, config: TrainConfig | None = None,
-          val_cases: list[Case] | None = None, resume: bool = True, on_progress=None) -> dict:
-    """Fine-tune engine.model on cases; best adapters go to `out` (atomically). Returns stats."""
+          val_cases: list[Case] | None = None, resume: bool = True, on_progress=None,
+          teacher: MSA | None = None) -> dict:
+    """Fine-tune engine.model on cases; best adapters go to `out` (atomically). Returns stats.
+
+    teacher: the backbone without adapters; box-only samples then learn its answer instead of the labels.
+    """
     config = config or TrainConfig()
-    data = SliceData.from_cases(engine, cases, config.labels)
+    data = SliceData.from_cases(engine, cases, config.labels, config.scales)
     val_labels = config.val_labels if config.val_labels is not None else config.labels
     val = SliceData.from_cases(engine, val_cases, val_labels) if val_cases else None
-    return train_on(engine, data, val, out, config, resume, on_progress)
+    return train_on(engine, data, val, out, config, resume, on_progress, teacher)
 
 
 def train_on(engine: Engine, data: SliceData, val: SliceData | None, out: str | Path, config: TrainConfig,
-             resume: bool = True, on_progress=None) -> dict:
+             resume: bool = True, on_progress=None, teacher: MSA | None = None) -> dict:
     """train() on data already loaded; without `val`, every n-th sample of `data` is held out."""
     engine.model.eval()  # also while training: frozen batch norms keep their statistics
     engine.multimask_single_click = False  # we train (and so validate) the single-mask output
@@ -373,7 +443,7 @@ def train_on(engine: Engine, data: SliceData, val: SliceData | None, out: str | 
         val_samples = val.samples
     if not config.train_encoder:
         data.encode_all()  # fixed embeddings: encode each slice once, in batches
-    trainer = Trainer(engine, data, val_samples, val, config, Path(out))
+    trainer = Trainer(engine, data, val_samples, val, config, Path(out), teacher)
     if resume:
         trainer.resume()
     return trainer.run(on_progress)

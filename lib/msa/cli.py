@@ -127,6 +127,13 @@ def _label_ids(requested: str | None, case) -> list[int] | None:
     return sorted(select_labels(requested, case, present))
 
 
+def _parse_scales(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise MSAError(f"--scales takes comma-separated numbers, got {text!r}") from None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .data import load_cases
     from .trainers import TrainConfig, init_distributed, train
@@ -138,13 +145,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     val_labels = _label_ids(args.val_labels, val_cases[0]) if args.val_labels and val_cases else None
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          eval_every=args.eval_every, labels=labels, val_labels=val_labels,
-                         train_encoder=args.train_encoder)
+                         train_encoder=args.train_encoder, scales=_parse_scales(args.scales),
+                         **{k: v for k, v in (("box_probability", args.box_probability),
+                                              ("box_click_probability", args.box_click_probability)) if v is not None})
     args.no_adapters = not args.adapters  # start from the backbone alone unless told to continue some adapters
     import torch
 
+    from .modeling.build import build_model
+
     torch.manual_seed(args.seed)  # random-weight backbones (tests) must be the same on every rank
     engine = _engine(args)
-    stats = train(engine, cases, args.out, config, val_cases=val_cases, resume=not args.restart)
+    teacher = None
+    if args.box_teacher:  # the backbone alone: box-only samples learn its answer
+        torch.manual_seed(args.seed)
+        teacher = build_model(args.backbone, checkpoint=args.checkpoint, three_d=args.three_d, device=args.device)
+    stats = train(engine, cases, args.out, config, val_cases=val_cases, resume=not args.restart, teacher=teacher)
     best = max(stats["history"], key=lambda r: (r["dice_click1"] + r["dice_box"]) / 2) if stats["history"] else {}
     line = json.dumps({"adapters": stats["adapters"], "steps": stats["steps"], "best": best, "rank": stats["rank"],
                        "trainable_sha256": stats["trainable_sha256"]})
@@ -235,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--eval-every", type=int, default=50)
     trainer.add_argument("--restart", action="store_true", help="ignore a saved state and start over")
+    trainer.add_argument("--scales", default="1", metavar="S,S,...",
+                         help="in-plane zooms of the training images: >1 widens the field of view (default: 1)")
+    trainer.add_argument("--box-probability", type=float,
+                         help="share of samples prompted with a box only (default 0.25)")
+    trainer.add_argument("--box-click-probability", type=float,
+                         help="share prompted with clicks and a box, the rest with clicks only (default 0.4)")
+    trainer.add_argument("--box-teacher", action=argparse.BooleanOptionalAction, default=True,
+                         help="box-only samples learn the backbone's answer, not the labels (default: on)")
     trainer.add_argument("--train-encoder", action="store_true",
                          help="train the encoder adapters too (backpropagates through the encoder: use a GPU)")
     _model_options(trainer)

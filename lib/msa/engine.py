@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .io import Volume
@@ -77,6 +78,10 @@ class Engine:
         # SAM answers a lone click with three candidate masks and we keep the most confident; MSA
         # adapters are trained on the single-mask output, so with adapters loaded we use that one.
         self.multimask_single_click = model.adapters_meta is None
+        # Clicks alone leave a structure's extent to the model; boxes are what SAM segments best. So a
+        # click-only prompt is decoded twice: the box of the first mask (the parts under the positive
+        # clicks) joins the clicks for the answer. MSA adapters are trained for that second prompt.
+        self.refine_clicks = True
         self.encoded_slices = 0  # how many slice encodings the encoder has run: tests and stats read it
         self._windows: dict[str, tuple[float, float]] = {}
 
@@ -141,6 +146,14 @@ class Engine:
         """
         geometry = self.geometry(volume)
         embedding = self.embeddings(volume, [k])
+        logits, iou = self._decode(embedding, geometry, points, box, mask_input)
+        if self.refine_clicks and points and box is None and mask_input is None:
+            refined = clicked_box(logits > 0, points, margin=REFINE_MARGIN)
+            if refined is not None:
+                logits, iou = self._decode(embedding, geometry, points, refined, None)
+        return logits, iou
+
+    def _decode(self, embedding: torch.Tensor, geometry: SliceGeometry, points, box, mask_input) -> tuple[np.ndarray, float]:
         device = self.model.device
         point_prompt = box_prompt = dense = None
         if points:
@@ -160,3 +173,24 @@ class Engine:
         best = int(iou[0].argmax())
         logits = geometry.logits_to_image(low_res[:, best:best + 1].float().cpu())[0, 0]
         return logits.numpy(), float(iou[0, best])
+
+
+REFINE_MARGIN = 0.1  # of the box's sides: a click's first mask often stops short of the structure's edge
+
+
+def clicked_box(mask: np.ndarray, points: list[tuple[float, float, int]],
+                margin: float = 0.0) -> tuple[float, float, float, float] | None:
+    """Box (i0, j0, i1, j1) of the mask's connected parts under the positive clicks (else its largest
+    part), widened by `margin` x its sides within the image; None for an empty mask."""
+    parts, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    h, w = mask.shape
+    clicked = {int(parts[min(max(int(round(y)), 0), h - 1), min(max(int(round(x)), 0), w - 1)])
+               for x, y, label in points if label == 1} - {0}
+    if not clicked:
+        clicked = {int(np.argmax(np.bincount(parts.ravel())[1:])) + 1}
+    rows, cols = np.nonzero(np.isin(parts, list(clicked)))
+    di, dj = margin * (cols.max() - cols.min()), margin * (rows.max() - rows.min())
+    return (float(max(cols.min() - di, 0)), float(max(rows.min() - dj, 0)),
+            float(min(cols.max() + di, w - 1)), float(min(rows.max() + dj, h - 1)))

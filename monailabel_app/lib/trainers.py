@@ -66,13 +66,15 @@ class MSATrain(TrainTask):
         model = build_model(self.provider.backbone, checkpoint=self.provider.checkpoint,
                             adapters=self.provider.adapters_path(), three_d=self.provider.three_d,
                             device=self.provider.device)
+        teacher = build_model(self.provider.backbone, checkpoint=self.provider.checkpoint,
+                              three_d=self.provider.three_d, device=self.provider.device)  # boxes keep its answer
         started = time.time()
 
         def progress(step: int, steps: int, record: dict) -> None:
             _write_json(self.stats_path, {"status": "RUNNING", "step": step, "total_steps": steps,
                                           "images": len(cases), "start_ts": started, **record})
 
-        result = train(Engine(model), cases, draft, config, resume=False, on_progress=progress)
+        result = train(Engine(model), cases, draft, config, resume=False, on_progress=progress, teacher=teacher)
         os.replace(draft, self.provider.published)  # publish: one atomic rename
         draft.with_name(draft.name + ".state").unlink(missing_ok=True)
         best = max(result["history"], key=lambda r: (r["dice_click1"] + r["dice_box"]) / 2)
