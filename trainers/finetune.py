@@ -43,8 +43,8 @@ from msa.engine import Engine
 from msa.errors import MSAError
 from msa.evaluate import MIN_SLICE_VOXELS, interior_point
 from msa.io import Volume, load_image, resample_labels_to
-from msa.modeling.msa import MSA
 from msa.metrics import dice
+from msa.modeling.msa import MSA
 from msa.transforms import SliceGeometry
 
 from .prompts import corrective_click, jittered_box, random_clicks
