@@ -284,3 +284,17 @@ def test_train_cli_rejects_bad_scales_and_prompt_mixes(tmp_path: Path) -> None:
                 ["--box-probability", "0.7", "--box-click-probability", "0.5"], ["--box-probability", "-0.1"]):
         assert msa.cli.main(["train", data, "--out", str(tmp_path / "a.pt"), "--backbone", "vit_tiny", *bad]) == 2
     assert not (tmp_path / "a.pt").exists()
+
+
+def test_train_cli_box_teacher_switch(tmp_path: Path) -> None:
+    """Box-only training through the CLI: with the teacher (default) and with --no-box-teacher the
+    box targets differ (backbone answer vs labels), so the adapters must differ; zoomed scales run too."""
+    data = write_pair(tmp_path)
+    common = ["--backbone", "vit_tiny", "--steps", "3", "--eval-every", "3", "--seed", "0",
+              "--box-probability", "1", "--box-click-probability", "0", "--scales", "1,1.5"]
+    assert msa.cli.main(["train", data, "--out", str(tmp_path / "teacher.pt"), *common]) == 0
+    assert msa.cli.main(["train", data, "--out", str(tmp_path / "labels.pt"), "--no-box-teacher", *common]) == 0
+    teacher = read_checkpoint(tmp_path / "teacher.pt")["state_dict"]
+    labels = read_checkpoint(tmp_path / "labels.pt")["state_dict"]
+    assert teacher.keys() == labels.keys()
+    assert any(not torch.equal(teacher[k], labels[k]) for k in teacher)

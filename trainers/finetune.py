@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,7 +98,7 @@ class SliceData:
     """Volumes, reference label maps (K, J, I) and the (slice, label) samples drawn from them."""
 
     def __init__(self, engine: Engine, pairs: list[tuple[Volume, np.ndarray]], labels: list[int] | None,
-                 scales: list[float] = (1.0,)) -> None:
+                 scales: Sequence[float] = (1.0,)) -> None:
         self.engine = engine
         pairs = [zoom_in_plane(volume, reference, s) for volume, reference in pairs for s in scales]
         self.volumes = [volume for volume, _ in pairs]
@@ -113,7 +114,7 @@ class SliceData:
 
     @classmethod
     def from_cases(cls, engine: Engine, cases: list[Case], labels: list[int] | None,
-                   scales: list[float] = (1.0,)) -> "SliceData":
+                   scales: Sequence[float] = (1.0,)) -> "SliceData":
         pairs = []
         for case in cases:
             volume = load_image(case.image)
@@ -167,7 +168,8 @@ def zoom_in_plane(volume: Volume, reference: np.ndarray, scale: float) -> tuple[
             crops[axis] = slice((n - m) // 2, (n - m) // 2 + m)
     voxels = np.pad(voxels[tuple(crops)], pads, constant_values=voxels.min())
     reference = np.pad(reference[tuple(crops[:3])], pads[:3], constant_values=0)
-    return Volume(voxels=voxels, geometry=None, modality=volume.modality, source=f"{volume.source} x{scale:g}"), reference
+    zoomed = Volume(voxels=voxels, geometry=None, modality=volume.modality, source=f"{volume.source} x{scale:g}")
+    return zoomed, reference
 
 
 def _rank() -> tuple[int, int]:
@@ -262,7 +264,8 @@ class Trainer:
                 rounds.append(0)
                 continue
             # A box drawn with the clicks stands for the box of the engine's first, click-only mask.
-            box = jittered_box(target, rng, 0.2) if draw < config.box_probability + config.box_click_probability else None
+            with_box = draw < config.box_probability + config.box_click_probability
+            box = jittered_box(target, rng, 0.2) if with_box else None
             prompts.append(Prompt(clicks=random_clicks(target, rng), box=box))
             rounds.append(int(rng.integers(0, config.max_corrective_clicks + 1)))
         for round_ in range(max(rounds, default=0)):

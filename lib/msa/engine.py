@@ -153,7 +153,8 @@ class Engine:
                 logits, iou = self._decode(embedding, geometry, points, refined, None)
         return logits, iou
 
-    def _decode(self, embedding: torch.Tensor, geometry: SliceGeometry, points, box, mask_input) -> tuple[np.ndarray, float]:
+    def _decode(self, embedding: torch.Tensor, geometry: SliceGeometry, points, box,
+                mask_input) -> tuple[np.ndarray, float]:
         device = self.model.device
         point_prompt = box_prompt = dense = None
         if points:
