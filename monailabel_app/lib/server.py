@@ -7,14 +7,14 @@
    infer() override; this module only moves the work off the event loop.
 """
 
-from __future__ import annotations
-
 import logging
 
 from fastapi import BackgroundTasks, Depends, File, Form, UploadFile
 from fastapi.routing import APIRoute
 
 logger = logging.getLogger(__name__)
+# No `from __future__ import annotations` here: FastAPI reads run_inference's annotations, and as
+# strings they would name `infer`, a local import it cannot resolve (a 500 whenever ?output= is given).
 
 
 def move_inference_off_event_loop() -> bool:

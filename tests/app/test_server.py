@@ -10,6 +10,7 @@ folder. Every test that needs state asks for it through a fixture, so each also 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -112,6 +113,20 @@ def test_second_request_is_served_from_the_embedding_cache(client, first_result,
     mask = read_mask(Path(path))
     i, j, k = study.interior
     assert mask.any() and mask[i, j, k] == 1, f"{mask.sum()} voxels; the clicked voxel {study.interior} unset"
+
+
+def test_infer_output_query_parameter(server, first_result, main_image, study):
+    """MONAI Label's ?output= (json / image / all) works on the re-registered route; a bad value is a 422."""
+    url = f"{server.url}/infer/msa"
+    form = {"params": json.dumps({"foreground": [study.interior], "label": "spleen"})}
+    answer = requests.post(url, params={"image": main_image, "output": "json"}, data=form, timeout=300)
+    assert answer.status_code == 200, answer.text[:400]
+    assert answer.json()["label_names"] == {"spleen": 1}
+    answer = requests.post(url, params={"image": main_image, "output": "image"}, data=form, timeout=300)
+    assert answer.status_code == 200 and answer.content[:2] == b"\x1f\x8b", answer.text[:400]  # .nii.gz
+    answer = requests.post(url, params={"image": main_image, "output": "bogus"}, data=form, timeout=60)
+    assert answer.status_code == 422, answer.text[:400]
+    assert server.alive() and server.info()
 
 
 # -- 4, 5. the server while it infers -----------------------------------------------------------
