@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -21,6 +22,15 @@ from msa.trainers import TrainConfig, train
 from .models import ModelProvider
 
 logger = logging.getLogger(__name__)
+
+
+def _process_alive(pid: int, created: float) -> bool:
+    """Whether process `pid` still runs and is the one created at `created` (pids get reused)."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - created) < 1
+    except psutil.Error:
+        return False
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -47,9 +57,13 @@ class MSATrain(TrainTask):
         return {"steps": 100, "batch_size": 8, "lr": 1e-4, "seed": 0, "eval_every": 25}
 
     def stats(self) -> dict:
-        if self.stats_path.is_file():
-            return json.loads(self.stats_path.read_text())
-        return {}
+        """The last run's record; a RUNNING run whose process is gone (stopped, killed) reads STOPPED."""
+        if not self.stats_path.is_file():
+            return {}
+        stats = json.loads(self.stats_path.read_text())
+        if stats.get("status") == "RUNNING" and not _process_alive(stats.get("pid", -1), stats.get("pid_created", 0)):
+            stats["status"] = "STOPPED"
+        return stats
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         cases = [Case(Path(d["image"]), Path(d["label"])) for d in datastore.datalist()]
@@ -69,12 +83,18 @@ class MSATrain(TrainTask):
         teacher = build_model(self.provider.backbone, checkpoint=self.provider.checkpoint,
                               three_d=self.provider.three_d, device=self.provider.device)  # boxes keep its answer
         started = time.time()
+        me = psutil.Process()
+        run = {"images": len(cases), "start_ts": started, "pid": me.pid, "pid_created": me.create_time()}
 
         def progress(step: int, steps: int, record: dict) -> None:
-            _write_json(self.stats_path, {"status": "RUNNING", "step": step, "total_steps": steps,
-                                          "images": len(cases), "start_ts": started, **record})
+            _write_json(self.stats_path, {"status": "RUNNING", "step": step, "total_steps": steps, **run, **record})
 
-        result = train(Engine(model), cases, draft, config, resume=False, on_progress=progress, teacher=teacher)
+        progress(0, config.steps, {})
+        try:
+            result = train(Engine(model), cases, draft, config, resume=False, on_progress=progress, teacher=teacher)
+        except Exception as error:
+            _write_json(self.stats_path, {"status": "FAILED", "error": str(error), **run})
+            raise
         os.replace(draft, self.provider.published)  # publish: one atomic rename
         draft.with_name(draft.name + ".state").unlink(missing_ok=True)
         best = max(result["history"], key=lambda r: (r["dice_click1"] + r["dice_box"]) / 2)

@@ -311,7 +311,8 @@ def test_killed_training_leaves_the_published_adapters_intact(server, client, la
     deadline = time.monotonic() + TRAIN_TIMEOUT
     while True:  # midway: this run reports progress (eval_every 1: its first draft is written by then)
         stats = read_json(stats_file)
-        if stats.get("status") == "RUNNING" and stats.get("start_ts") != old_stats.get("start_ts"):
+        if (stats.get("status") == "RUNNING" and stats.get("start_ts") != old_stats.get("start_ts")
+                and stats.get("step", 0) >= 1):
             break
         task = client.train_status()
         assert task.get("status") in ("SUBMITTED", "RUNNING"), f"{task}\n{server.log_tail()}"
@@ -326,6 +327,8 @@ def test_killed_training_leaves_the_published_adapters_intact(server, client, la
     assert not training_processes(server), "training processes left after the stop"
     time.sleep(2)  # nothing may publish after the kill either
     assert client.train_status()["status"] == "STOPPED"
+    # /info/ must not report the killed run as still running (its stats file stopped at RUNNING)
+    assert client.info()["train_stats"]["msa"]["status"] == "STOPPED", client.info()["train_stats"]
     if before is None:
         assert not published.exists(), "a killed run published adapters"
     else:

@@ -1,0 +1,68 @@
+"""The app's train task called in-process on a real LocalDatastore: what /info/'s train_stats reports
+when a run fails, and for a run whose process is gone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from app_helpers import APP_DIR, MAIN_ID
+
+
+@pytest.fixture(scope="module")
+def app_lib():
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        from lib.models import ModelProvider
+        from lib.trainers import MSATrain
+
+        yield ModelProvider, MSATrain
+    finally:
+        sys.path.remove(str(APP_DIR))
+
+
+def test_a_failed_run_reports_failed_and_publishes_nothing(app_lib, study, tmp_path):
+    import SimpleITK as sitk
+    from monailabel.datastore.local import LocalDatastore
+
+    from msa.errors import MSAError
+
+    ModelProvider, MSATrain = app_lib
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(study.image, studies / f"{MAIN_ID}.nii.gz")
+    datastore = LocalDatastore(str(studies))
+    empty = sitk.ReadImage(str(study.spleen)) * 0  # a final label with nothing in it: no training samples
+    empty_path = tmp_path / "empty.nii.gz"
+    sitk.WriteImage(empty, str(empty_path))
+    datastore.save_label(MAIN_ID, str(empty_path), "final", {})
+    task = MSATrain(ModelProvider({}, tmp_path / "model"))
+
+    with pytest.raises(MSAError, match="no training samples"):
+        task({"steps": 2, "batch_size": 1, "eval_every": 1}, datastore)
+    stats = task.stats()
+    assert stats["status"] == "FAILED" and "no training samples" in stats["error"], stats
+    assert not (tmp_path / "model" / "msa_adapters.pt").exists()
+
+
+def test_a_running_record_reads_stopped_once_its_process_is_gone(app_lib, tmp_path):
+    ModelProvider, MSATrain = app_lib
+    task = MSATrain(ModelProvider({}, tmp_path))
+    me = psutil.Process()
+
+    def record(pid: int, created: float) -> dict:
+        task.stats_path.write_text(json.dumps({"status": "RUNNING", "step": 3, "pid": pid, "pid_created": created}))
+        return task.stats()
+
+    assert record(me.pid, me.create_time())["status"] == "RUNNING"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    created = psutil.Process(ended.pid).create_time()
+    ended.wait()
+    assert record(ended.pid, created)["status"] == "STOPPED"
+    assert record(me.pid, me.create_time() - 100)["status"] == "STOPPED"  # same pid, another process
+    assert record(me.pid, me.create_time())["step"] == 3
