@@ -309,6 +309,29 @@ def test_3d_model_with_depth_1_equals_2d_path(name):
     assert (e3d_2 - e2d).abs().max() > 1e-4  # the depth branch is live at depth 2
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_encoder_split_at_any_block_equals_the_whole_pass(name, three_d):
+    """from_block(block_input(x, i), i) is the encoder's forward for every i (partial encoder training
+    caches block_input and runs from_block); TinyViT's downsampling between stages must run exactly once.
+    The encoder_is_backbone flag follows the adapters' up-projections."""
+    model = adapted(name, backbone(name), three_d=three_d)
+    assert model.encoder_is_backbone()
+    randomize_adapters_(model)
+    assert not model.encoder_is_backbone()
+    depth = 2 if three_d else 1
+    x = model.normalise(random_images(2, model.img_size))
+    encoder = model.image_encoder
+    whole = encoder(x, depth)
+    n = len(encoder.adapted_blocks())
+    assert n == 4
+    for index in range(n + 1):
+        split = encoder.from_block(encoder.block_input(x, index, depth), index, depth)
+        assert torch.allclose(split, whole, atol=1e-5), index
+    assert (encoder.block_input(x, 1, depth) - encoder.block_input(x, 2, depth)).abs().max() > 1e-4
+
+
 # --- 3. batch items never see each other's prompts --------------------------------------------
 
 

@@ -247,7 +247,7 @@ def test_prompt_mix_gives_boxes_clicks_and_both(tmp_path: Path) -> None:
         config = TrainConfig(batch_size=6, box_probability=box_p, box_click_probability=both_p)
         trainer = Trainer(engine, data, data.samples, data, config, tmp_path / "p.pt")
         samples = data.samples[:6]
-        prompts = trainer._prompts(np.random.default_rng(0), samples, data.embeddings(samples, False))
+        prompts = trainer._prompts(np.random.default_rng(0), samples, data.embeddings(samples, config))
         assert {p.kind for p in prompts} == expected
         for p, s in zip(prompts, samples):
             if p.clicks:
@@ -298,3 +298,60 @@ def test_train_cli_box_teacher_switch(tmp_path: Path) -> None:
     labels = read_checkpoint(tmp_path / "labels.pt")["state_dict"]
     assert teacher.keys() == labels.keys()
     assert any(not torch.equal(teacher[k], labels[k]) for k in teacher)
+
+
+def test_encoder_blocks_train_only_the_last_blocks_adapters(tmp_path: Path) -> None:
+    """--encoder-blocks 1: the last encoder block's adapters learn (on cached inputs of that block),
+    every other encoder tensor stays bit-identical; the saved adapters carry them; the box teacher
+    answers on the backbone's own embeddings, not on the student's adapted ones."""
+    torch.manual_seed(0)
+    engine = Engine(msa.build_model("lite_medsam_tiny", pretrained=False))
+    model = engine.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    voxels, labels = synthetic_pair()
+    data = SliceData(engine, [(volume_of(voxels), labels)], None)
+    teacher = copy_of_backbone(model)
+    config = TrainConfig(steps=3, batch_size=2, eval_every=3, encoder_blocks=1, box_probability=0.5)
+    train_on(engine, data, None, tmp_path / "b.pt", config, resume=False, teacher=teacher)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    encoder_changed = {k for k in changed if k.startswith("image_encoder.")}
+    last = "image_encoder.layers.3.blocks.0."
+    assert encoder_changed and all(k.startswith(last) and "_adapter." in k for k in encoder_changed), encoder_changed
+    assert any(k.startswith("mask_decoder.") for k in changed)
+    assert not model.encoder_is_backbone()
+
+    fresh = msa.build_model("lite_medsam_tiny", pretrained=False)
+    fresh.load_state_dict({k: v for k, v in before.items()})
+    msa.load_adapters(fresh, tmp_path / "b.pt")
+    images = engine.model_input(volume_of(voxels), [0, 1])
+    with torch.no_grad():
+        assert torch.allclose(fresh.encode(images), model.encode(images), atol=1e-5)
+
+        trainer = Trainer(engine, data, data.samples[:1], data, config, tmp_path / "c.pt", teacher)
+        samples = data.samples[:2]
+        student = data.embeddings(samples, config)
+        expected = teacher.encode(torch.cat([engine.model_input(data.volumes[s.case], [s.k]) for s in samples]))
+        got = trainer._teacher_embeddings(samples, student)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(student, expected, atol=1e-5)
+
+
+def copy_of_backbone(model: msa.MSA) -> msa.MSA:
+    """The model's backbone without adapters' effect: same weights, adapters left at zero."""
+    teacher = msa.build_model("lite_medsam_tiny", pretrained=False)
+    teacher.load_state_dict({k: v for k, v in model.state_dict().items() if "_adapter." not in k}, strict=False)
+    return teacher.eval()
+
+
+def test_train_cli_encoder_blocks_checks(tmp_path: Path) -> None:
+    data = write_pair(tmp_path)
+    out = str(tmp_path / "a.pt")
+    common = ["--backbone", "vit_tiny", "--steps", "2", "--eval-every", "2"]
+    for bad in (["--encoder-blocks", "-1"], ["--encoder-blocks", "5"], ["--encoder-blocks", "1", "--train-encoder"],
+                ["--encoder-blocks", "1", "--three-d"]):
+        assert msa.cli.main(["train", data, "--out", out, *common, *bad]) == 2, bad
+    assert not (tmp_path / "a.pt").exists()
+    assert msa.cli.main(["train", data, "--out", out, *common, "--encoder-blocks", "2"]) == 0
+    state = read_checkpoint(out)["state_dict"]
+    assert any(k.startswith("image_encoder.blocks.3.") and ".up." in k and state[k].any() for k in state)
+    assert not any(k.startswith("image_encoder.blocks.1.") and ".up." in k and state[k].any() for k in state)

@@ -66,6 +66,7 @@ class TrainConfig:
     labels: list[int] | None = None  # None: every label present
     val_labels: list[int] | None = None  # labels scored in validation (None: as `labels`)
     train_encoder: bool = False  # also train the encoder adapters (backpropagates through the encoder)
+    encoder_blocks: int = 0  # also train the adapters of the encoder's last N blocks, on cached inputs of those
     val_every_nth_slice: int = 5  # without validation cases, hold out every n-th sample
     scales: list[float] = field(default_factory=lambda: [1.0])  # in-plane zooms of the training volumes
 
@@ -75,6 +76,9 @@ class TrainConfig:
             raise MSAError("box and box+click probabilities must be >= 0 and sum to at most 1")
         if not self.scales or not all(0 < s <= 4 for s in self.scales):
             raise MSAError(f"scales must lie in (0, 4], got {self.scales}")
+        if self.encoder_blocks < 0 or (self.encoder_blocks and self.train_encoder):
+            raise MSAError("encoder_blocks must be >= 0, and it trains part of what train_encoder trains: "
+                           "choose one of them")
 
 
 @dataclass
@@ -103,6 +107,7 @@ class SliceData:
         pairs = [zoom_in_plane(volume, reference, s) for volume, reference in pairs for s in scales]
         self.volumes = [volume for volume, _ in pairs]
         self.references = [reference for _, reference in pairs]
+        self.block_inputs: dict[tuple[int, int], torch.Tensor] = {}  # (case, k) -> input of the first trained block
         self.samples: list[Sample] = []
         for index, reference in enumerate(self.references):
             present = [int(v) for v in np.unique(reference) if v != 0]
@@ -125,20 +130,36 @@ class SliceData:
         for index, volume in enumerate(self.volumes):
             self.engine.embeddings(volume, sorted({s.k for s in self.samples if s.case == index}))
 
+    @torch.no_grad()
+    def encode_block_inputs(self, block: int) -> None:
+        """Cache, for every sample slice, the encoder's activation entering adapted block `block`."""
+        model = self.engine.model
+        for index, volume in enumerate(self.volumes):
+            ks = sorted({s.k for s in self.samples if s.case == index})
+            for n in range(0, len(ks), self.engine.batch_size):
+                batch = ks[n:n + self.engine.batch_size]
+                images = model.normalise(self.engine.model_input(volume, batch).to(model.device))
+                for k, h in zip(batch, model.image_encoder.block_input(images, block)):
+                    self.block_inputs[(index, k)] = h
+
     def target(self, s: Sample) -> np.ndarray:
         return self.references[s.case][s.k] == s.label
 
     def geometry(self, s: Sample) -> SliceGeometry:
         return self.engine.geometry(self.volumes[s.case])
 
-    def embeddings(self, samples: list[Sample], train_encoder: bool) -> torch.Tensor:
-        """(B, C, h, w): from the engine's cache, or through the encoder with gradients.
+    def embeddings(self, samples: list[Sample], config: TrainConfig) -> torch.Tensor:
+        """(B, C, h, w): from the engine's cache, or through the (last blocks of the) encoder with gradients.
 
         In 3D mode each sample's slice is encoded inside a slab of slab_depth slices around it.
         """
-        if not train_encoder:
-            return torch.stack([self.engine.embeddings(self.volumes[s.case], [s.k])[0] for s in samples])
         model, depth = self.engine.model, self.engine.slab_depth
+        if config.encoder_blocks:
+            first = len(model.image_encoder.adapted_blocks()) - config.encoder_blocks
+            inputs = torch.stack([self.block_inputs[(s.case, s.k)] for s in samples])
+            return model.image_encoder.from_block(inputs, first)
+        if not config.train_encoder:
+            return torch.stack([self.engine.embeddings(self.volumes[s.case], [s.k])[0] for s in samples])
         if depth == 1:
             images = torch.cat([self.engine.model_input(self.volumes[s.case], [s.k]) for s in samples])
             return model.encode(images.to(model.device))
@@ -184,10 +205,21 @@ class Trainer:
         self.engine, self.model, self.train, self.val = engine, engine.model, train, val
         self.teacher = teacher.to(self.model.device).eval() if teacher is not None else None
         self.val_samples, self.config, self.out = val_samples, config, Path(out)
-        # Without encoder training the embeddings are fixed, so the encoder adapters get no gradient
-        # and must stay out of the optimizer (weight decay alone would shrink them).
+        # Encoder adapters that get no gradient (fixed embeddings, or blocks before the trained ones)
+        # must stay out of the optimizer: weight decay alone would shrink them.
+        blocks = self.model.image_encoder.adapted_blocks()
+        if config.encoder_blocks > len(blocks):
+            raise MSAError(f"encoder_blocks {config.encoder_blocks}: this encoder has {len(blocks)} blocks")
+        if config.encoder_blocks and self.model.config.three_d:
+            raise MSAError("encoder_blocks trains 2D models (cached per-slice inputs); in 3D use train_encoder")
+        trained_blocks = blocks if config.train_encoder else blocks[len(blocks) - config.encoder_blocks:]
+        encoder_params = {id(p) for block in trained_blocks for p in block.parameters()}
         self.params = [p for name, p in self.model.named_parameters()
-                       if p.requires_grad and (config.train_encoder or not name.startswith("image_encoder."))]
+                       if p.requires_grad and (not name.startswith("image_encoder.") or id(p) in encoder_params)]
+        # The teacher answers on the backbone's embeddings; once the student's encoder adapters add
+        # something, those come from the teacher's own encoder (each slice encoded once, cached).
+        self.teacher_engine = (Engine(self.teacher, cache=engine.cache, batch_size=engine.batch_size)
+                               if self.teacher is not None else None)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.loss = DiceCELoss(sigmoid=True)
@@ -284,8 +316,9 @@ class Trainer:
         target = self._targets(samples, low_res.shape[-1]).to(low_res.device)
         box_only = [b for b, p in enumerate(prompts) if p.kind == "box"]
         if self.teacher is not None and box_only:
+            picked = [samples[b] for b in box_only]
             with torch.no_grad():  # soft targets: the backbone's probabilities
-                teacher, _ = self._decode(embeddings[box_only].detach(), [samples[b] for b in box_only], None,
+                teacher, _ = self._decode(self._teacher_embeddings(picked, embeddings[box_only]), picked, None,
                                           [prompts[b].box for b in box_only], model=self.teacher)
             target[box_only] = torch.sigmoid(teacher)
         with torch.no_grad():
@@ -295,13 +328,20 @@ class Trainer:
             true_iou = (inter / union.clamp(min=1))[:, None]
         return self.loss(low_res, target) + F.mse_loss(iou_pred, true_iou)
 
+    def _teacher_embeddings(self, samples: list[Sample], embeddings: torch.Tensor) -> torch.Tensor:
+        trains_encoder = self.config.train_encoder or self.config.encoder_blocks
+        if not trains_encoder and self.model.encoder_is_backbone():
+            return embeddings.detach()
+        return torch.stack([self.teacher_engine.embeddings(self.train.volumes[s.case], [s.k])[0]
+                            for s in samples]).to(embeddings.device)
+
     # -- loop --------------------------------------------------------------------------------------
 
     def train_step(self) -> float:
         rng = np.random.default_rng([self.config.seed, self.step, self.rank])
         samples = [self.train.samples[p] for p in rng.choice(len(self.train.samples), size=self.config.batch_size)]
         with self.autocast:
-            embeddings = self.train.embeddings(samples, self.config.train_encoder).float()
+            embeddings = self.train.embeddings(samples, self.config).float()
         prompts = self._prompts(rng, samples, embeddings)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss(embeddings, samples, prompts)
@@ -444,7 +484,9 @@ def train_on(engine: Engine, data: SliceData, val: SliceData | None, out: str | 
         data.samples, val_samples = split_validation(data.samples, config.val_every_nth_slice)
     else:
         val_samples = val.samples
-    if not config.train_encoder:
+    if config.encoder_blocks:
+        data.encode_block_inputs(len(engine.model.image_encoder.adapted_blocks()) - config.encoder_blocks)
+    elif not config.train_encoder:
         data.encode_all()  # fixed embeddings: encode each slice once, in batches
     trainer = Trainer(engine, data, val_samples, val, config, Path(out), teacher)
     if resume:

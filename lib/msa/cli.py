@@ -145,7 +145,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     val_labels = _label_ids(args.val_labels, val_cases[0]) if args.val_labels and val_cases else None
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          eval_every=args.eval_every, labels=labels, val_labels=val_labels,
-                         train_encoder=args.train_encoder, scales=_parse_scales(args.scales),
+                         train_encoder=args.train_encoder, encoder_blocks=args.encoder_blocks,
+                         scales=_parse_scales(args.scales),
                          **{k: v for k, v in (("box_probability", args.box_probability),
                                               ("box_click_probability", args.box_click_probability)) if v is not None})
     args.no_adapters = not args.adapters  # start from the backbone alone unless told to continue some adapters
@@ -260,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="box-only samples learn the backbone's answer, not the labels (default: on)")
     trainer.add_argument("--train-encoder", action="store_true",
                          help="train the encoder adapters too (backpropagates through the encoder: use a GPU)")
+    trainer.add_argument("--encoder-blocks", type=int, default=0, metavar="N",
+                         help="train the adapters of the encoder's last N blocks too, on cached inputs of those "
+                              "blocks (2D; cheap enough for a CPU)")
     _model_options(trainer)
     trainer.set_defaults(func=_cmd_train)
 

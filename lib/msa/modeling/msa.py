@@ -126,7 +126,16 @@ class MSA(nn.Module):
             raise ValueError(f"batch of {images.shape[0]} slices does not split into volumes of depth {depth}")
         if depth > 1 and not self.config.three_d:
             depth = 1  # a 2D model treats every slice on its own
-        return self.image_encoder((images - self.pixel_mean) / self.pixel_std, depth)
+        return self.image_encoder(self.normalise(images), depth)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 255] -> the encoder's input (the backbone's pixel mean and std)."""
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def encoder_is_backbone(self) -> bool:
+        """True while every encoder adapter adds nothing (zero up-projection): the embeddings are the backbone's."""
+        return all(not tensor.any() for name, tensor in self.image_encoder.state_dict().items()
+                   if "_adapter.up." in name)
 
     def decode(
         self,

@@ -20,6 +20,7 @@ with warnings.catch_warnings():  # the vendored file imports timm's deprecated m
 
 from .adapter import Adapter, AdapterConfig
 from .depth import checkpointed
+from .encoder import AdaptedEncoder
 from .depth import depth_to_slices, multihead_attention, slices_to_depth
 
 
@@ -85,7 +86,7 @@ class MSATinyViTBlock(nn.Module):
         return x + self.mlp(x) + self.mlp_scale * self.mlp_adapter(self.mlp.norm(x))
 
 
-class MSATinyViTEncoder(nn.Module):
+class MSATinyViTEncoder(AdaptedEncoder):
     """LiteMedSAM's TinyViT with every attention block replaced by an MSATinyViTBlock."""
 
     def __init__(self, encoder: TinyViT, config: AdapterConfig, three_d: bool) -> None:
@@ -99,13 +100,23 @@ class MSATinyViTEncoder(nn.Module):
         self.neck = encoder.neck
         self.checkpointing = False  # recompute block activations in backward (saves GPU memory when training)
 
-    def forward(self, x: torch.Tensor, depth: int = 1) -> torch.Tensor:
-        """x: (B*D, 3, S, S) normalised images -> (B*D, 256, S/4, S/4) embeddings."""
-        x = self.layers[0](self.patch_embed(x))
+    def adapted_blocks(self) -> list[nn.Module]:
+        return [block for layer in self.layers[1:] for block in layer.blocks]
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[0](self.patch_embed(x))  # the convolutional first stage
+
+    def _run(self, x: torch.Tensor, start: int, stop: int, depth: int) -> torch.Tensor:
+        index = 0
         for layer in self.layers[1:]:
             for block in layer.blocks:
-                x = checkpointed(block, x, depth, self.checkpointing)
-            if layer.downsample is not None:
+                if start <= index < stop:
+                    x = checkpointed(block, x, depth, self.checkpointing)
+                index += 1
+            if layer.downsample is not None and start < index <= stop:  # after the layer's last block
                 x = layer.downsample(x)
+        return x
+
+    def _neck(self, x: torch.Tensor) -> torch.Tensor:
         side = self.layers[-1].input_resolution[0]
         return self.neck(x.view(x.shape[0], side, side, -1).permute(0, 3, 1, 2))

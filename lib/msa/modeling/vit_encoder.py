@@ -12,6 +12,7 @@ from torch import nn
 
 from .adapter import Adapter, AdapterConfig
 from .depth import checkpointed
+from .encoder import AdaptedEncoder
 from .depth import depth_to_slices, multihead_attention, slices_to_depth
 
 
@@ -67,7 +68,7 @@ class MSAViTBlock(nn.Module):
         return x + self.mlp(normed) + self.mlp_scale * self.mlp_adapter(normed)
 
 
-class MSAViTEncoder(nn.Module):
+class MSAViTEncoder(AdaptedEncoder):
     """segment-anything's ImageEncoderViT with every block replaced by an MSAViTBlock."""
 
     def __init__(self, encoder: ImageEncoderViT, config: AdapterConfig, three_d: bool) -> None:
@@ -79,11 +80,17 @@ class MSAViTEncoder(nn.Module):
         self.neck = encoder.neck
         self.checkpointing = False  # recompute block activations in backward (saves GPU memory when training)
 
-    def forward(self, x: torch.Tensor, depth: int = 1) -> torch.Tensor:
-        """x: (B*D, 3, S, S) normalised images -> (B*D, 256, S/16, S/16) embeddings."""
+    def adapted_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        for block in self.blocks:
+        return x + self.pos_embed if self.pos_embed is not None else x
+
+    def _run(self, x: torch.Tensor, start: int, stop: int, depth: int) -> torch.Tensor:
+        for block in self.blocks[start:stop]:
             x = checkpointed(block, x, depth, self.checkpointing)
+        return x
+
+    def _neck(self, x: torch.Tensor) -> torch.Tensor:
         return self.neck(x.permute(0, 3, 1, 2))
