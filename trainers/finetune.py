@@ -133,14 +133,15 @@ class SliceData:
     @torch.no_grad()
     def encode_block_inputs(self, block: int) -> None:
         """Cache, for every sample slice, the encoder's activation entering adapted block `block`."""
-        model = self.engine.model
-        for index, volume in enumerate(self.volumes):
+        model, size = self.engine.model, self.engine.batch_size
+        batches = []  # (volume index, slices)
+        for index in range(len(self.volumes)):
             ks = sorted({s.k for s in self.samples if s.case == index})
-            for n in range(0, len(ks), self.engine.batch_size):
-                batch = ks[n:n + self.engine.batch_size]
-                images = model.normalise(self.engine.model_input(volume, batch).to(model.device))
-                for k, h in zip(batch, model.image_encoder.block_input(images, block)):
-                    self.block_inputs[(index, k)] = h
+            batches += [(index, ks[n:n + size]) for n in range(0, len(ks), size)]
+        for index, ks in tqdm(batches, desc="encoding block inputs", unit="pass", disable=not self.engine.progress):
+            images = model.normalise(self.engine.model_input(self.volumes[index], ks).to(model.device))
+            for k, h in zip(ks, model.image_encoder.block_input(images, block)):
+                self.block_inputs[(index, k)] = h
 
     def target(self, s: Sample) -> np.ndarray:
         return self.references[s.case][s.k] == s.label
@@ -218,8 +219,8 @@ class Trainer:
                        if p.requires_grad and (not name.startswith("image_encoder.") or id(p) in encoder_params)]
         # The teacher answers on the backbone's embeddings; once the student's encoder adapters add
         # something, those come from the teacher's own encoder (each slice encoded once, cached).
-        self.teacher_engine = (Engine(self.teacher, cache=engine.cache, batch_size=engine.batch_size)
-                               if self.teacher is not None else None)
+        self.teacher_engine = (Engine(self.teacher, cache=engine.cache, slab_depth=engine.slab_depth,
+                                      batch_size=engine.batch_size) if self.teacher is not None else None)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.loss = DiceCELoss(sigmoid=True)
@@ -484,11 +485,11 @@ def train_on(engine: Engine, data: SliceData, val: SliceData | None, out: str | 
         data.samples, val_samples = split_validation(data.samples, config.val_every_nth_slice)
     else:
         val_samples = val.samples
+    trainer = Trainer(engine, data, val_samples, val, config, Path(out), teacher)  # checks the config first
     if config.encoder_blocks:
         data.encode_block_inputs(len(engine.model.image_encoder.adapted_blocks()) - config.encoder_blocks)
     elif not config.train_encoder:
         data.encode_all()  # fixed embeddings: encode each slice once, in batches
-    trainer = Trainer(engine, data, val_samples, val, config, Path(out), teacher)
     if resume:
         trainer.resume()
     return trainer.run(on_progress)
