@@ -20,8 +20,8 @@ with warnings.catch_warnings():  # the vendored file imports timm's deprecated m
 
 from .adapter import Adapter, AdapterConfig
 from .depth import checkpointed
-from .encoder import AdaptedEncoder
 from .depth import depth_to_slices, multihead_attention, slices_to_depth
+from .encoder import AdaptedEncoder
 
 
 def _window_attention(attn: Attention, x: torch.Tensor, h: int, w: int, window: int) -> torch.Tensor:

@@ -12,8 +12,8 @@ from torch import nn
 
 from .adapter import Adapter, AdapterConfig
 from .depth import checkpointed
-from .encoder import AdaptedEncoder
 from .depth import depth_to_slices, multihead_attention, slices_to_depth
+from .encoder import AdaptedEncoder
 
 
 class MSAViTBlock(nn.Module):
