@@ -107,7 +107,8 @@ class SliceData:
         pairs = [zoom_in_plane(volume, reference, s) for volume, reference in pairs for s in scales]
         self.volumes = [volume for volume, _ in pairs]
         self.references = [reference for _, reference in pairs]
-        self.block_inputs: dict[tuple[int, int], torch.Tensor] = {}  # (case, k) -> input of the first trained block
+        self.block_inputs: dict[tuple[int, int], torch.Tensor] = {}  # (case, k) -> input of block first_trained_block
+        self.first_trained_block = 0
         self.samples: list[Sample] = []
         for index, reference in enumerate(self.references):
             present = [int(v) for v in np.unique(reference) if v != 0]
@@ -134,6 +135,7 @@ class SliceData:
     def encode_block_inputs(self, block: int) -> None:
         """Cache, for every sample slice, the encoder's activation entering adapted block `block`."""
         model, size = self.engine.model, self.engine.batch_size
+        self.first_trained_block = block
         batches = []  # (volume index, slices)
         for index in range(len(self.volumes)):
             ks = sorted({s.k for s in self.samples if s.case == index})
@@ -156,9 +158,8 @@ class SliceData:
         """
         model, depth = self.engine.model, self.engine.slab_depth
         if config.encoder_blocks:
-            first = len(model.image_encoder.adapted_blocks()) - config.encoder_blocks
             inputs = torch.stack([self.block_inputs[(s.case, s.k)] for s in samples])
-            return model.image_encoder.from_block(inputs, first)
+            return model.image_encoder.from_block(inputs, self.first_trained_block)
         if not config.train_encoder:
             return torch.stack([self.engine.embeddings(self.volumes[s.case], [s.k])[0] for s in samples])
         if depth == 1:
@@ -217,10 +218,12 @@ class Trainer:
         encoder_params = {id(p) for block in trained_blocks for p in block.parameters()}
         self.params = [p for name, p in self.model.named_parameters()
                        if p.requires_grad and (not name.startswith("image_encoder.") or id(p) in encoder_params)]
-        # The teacher answers on the backbone's embeddings; once the student's encoder adapters add
-        # something, those come from the teacher's own encoder (each slice encoded once, cached).
+        # The teacher answers on the backbone's embeddings. While the student's encoder is the backbone's
+        # those are the student's own; otherwise the teacher encodes (each slice once, cached).
+        student_encoder_adapted = config.train_encoder or config.encoder_blocks or not self.model.encoder_is_backbone()
         self.teacher_engine = (Engine(self.teacher, cache=engine.cache, slab_depth=engine.slab_depth,
-                                      batch_size=engine.batch_size) if self.teacher is not None else None)
+                                      batch_size=engine.batch_size)
+                               if self.teacher is not None and student_encoder_adapted else None)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.loss = DiceCELoss(sigmoid=True)
@@ -330,8 +333,7 @@ class Trainer:
         return self.loss(low_res, target) + F.mse_loss(iou_pred, true_iou)
 
     def _teacher_embeddings(self, samples: list[Sample], embeddings: torch.Tensor) -> torch.Tensor:
-        trains_encoder = self.config.train_encoder or self.config.encoder_blocks
-        if not trains_encoder and self.model.encoder_is_backbone():
+        if self.teacher_engine is None:
             return embeddings.detach()
         return torch.stack([self.teacher_engine.embeddings(self.train.volumes[s.case], [s.k])[0]
                             for s in samples]).to(embeddings.device)
@@ -417,7 +419,7 @@ class Trainer:
         if self.rank == 0:
             record = {"step": self.step, "loss": mean_loss, **self.validate(), "seconds": round(seconds, 1)}
             self.history.append(record)
-            score = (record["dice_click1"] + record["dice_box"]) / 2
+            score = selection_score(record)
             if score > self.best:
                 self.best = score
                 save_adapters(self.model, self.out, extra={"training": {**record, "seed": self.config.seed,
@@ -426,6 +428,11 @@ class Trainer:
             write_curves(self.history, self.out)
         if self.world > 1:
             dist.barrier()
+
+
+def selection_score(record: dict) -> float:
+    """What picks the best adapters among the validation records: clicks and boxes count alike."""
+    return (record["dice_click1"] + record["dice_box"]) / 2
 
 
 def split_validation(samples: list[Sample], every: int) -> tuple[list[Sample], list[Sample]]:

@@ -136,7 +136,7 @@ def _parse_scales(text: str) -> list[float]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .data import load_cases
-    from .trainers import TrainConfig, init_distributed, train
+    from .trainers import TrainConfig, init_distributed, selection_score, train
 
     init_distributed()
     cases = load_cases(args.data, split=args.split)
@@ -161,7 +161,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         teacher = build_model(args.backbone, checkpoint=args.checkpoint, three_d=args.three_d, device=args.device)
     stats = train(engine, cases, args.out, config, val_cases=val_cases, resume=not args.restart, teacher=teacher)
-    best = max(stats["history"], key=lambda r: (r["dice_click1"] + r["dice_box"]) / 2) if stats["history"] else {}
+    best = max(stats["history"], key=selection_score) if stats["history"] else {}
     line = json.dumps({"adapters": stats["adapters"], "steps": stats["steps"], "best": best, "rank": stats["rank"],
                        "trainable_sha256": stats["trainable_sha256"]})
     sys.stdout.write(line + "\n")  # one write: under torchrun, ranks share stdout and must not interleave

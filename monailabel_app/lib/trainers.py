@@ -17,7 +17,7 @@ from msa import build_model
 from msa.data import Case
 from msa.engine import Engine
 from msa.errors import MSAError
-from msa.trainers import TrainConfig, train
+from msa.trainers import TrainConfig, selection_score, train
 
 from .models import ModelProvider
 
@@ -97,7 +97,7 @@ class MSATrain(TrainTask):
             raise
         os.replace(draft, self.provider.published)  # publish: one atomic rename
         draft.with_name(draft.name + ".state").unlink(missing_ok=True)
-        best = max(result["history"], key=lambda r: (r["dice_click1"] + r["dice_box"]) / 2)
+        best = max(result["history"], key=selection_score)
         stats = {"status": "DONE", "step": result["steps"], "total_steps": config.steps, "images": len(cases),
                  "start_ts": started, "total_time": round(time.time() - started, 1), "best": best,
                  "published": str(self.provider.published)}
