@@ -26,6 +26,7 @@ import msa.cli
 from msa.checkpoint import read_checkpoint
 from msa.engine import Engine
 from msa.io import Volume
+from msa.store import FeatureStore
 from msa.trainers.finetune import Prompt, SliceData, TrainConfig, Trainer, train_on, zoom_in_plane
 from msa.trainers.pretrain import PretrainConfig, pretrain
 from msa.trainers.prompts import corrective_click, jittered_box, random_clicks
@@ -305,7 +306,7 @@ def test_encoder_blocks_train_only_the_last_blocks_adapters(tmp_path: Path) -> N
     every other encoder tensor stays bit-identical; the saved adapters carry them; the box teacher
     answers on the backbone's own embeddings, not on the student's adapted ones."""
     torch.manual_seed(0)
-    engine = Engine(msa.build_model("lite_medsam_tiny", pretrained=False))
+    engine = Engine(msa.build_model("lite_medsam_tiny", pretrained=False), store=FeatureStore(tmp_path / "features"))
     model = engine.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     voxels, labels = synthetic_pair()
@@ -332,8 +333,10 @@ def test_encoder_blocks_train_only_the_last_blocks_adapters(tmp_path: Path) -> N
         student = data.embeddings(samples, config)
         expected = teacher.encode(torch.cat([engine.model_input(data.volumes[s.case], [s.k]) for s in samples]))
         got = trainer._teacher_embeddings(samples, student)
-    assert torch.allclose(got, expected, atol=1e-5)
-    assert not torch.allclose(student, expected, atol=1e-5)
+    # The stored trunks are float16 (measured: 1.5e-3 from the float32 pass); the student's adapters move
+    # its embeddings by ~1.
+    assert torch.allclose(got, expected, atol=5e-3)
+    assert not torch.allclose(student, expected, atol=5e-2)
 
 
 def copy_of_backbone(model: msa.MSA) -> msa.MSA:
@@ -347,8 +350,7 @@ def test_train_cli_encoder_blocks_checks(tmp_path: Path) -> None:
     data = write_pair(tmp_path)
     out = str(tmp_path / "a.pt")
     common = ["--backbone", "vit_tiny", "--steps", "2", "--eval-every", "2"]
-    for bad in (["--encoder-blocks", "-1"], ["--encoder-blocks", "5"], ["--encoder-blocks", "1", "--train-encoder"],
-                ["--encoder-blocks", "1", "--three-d"]):
+    for bad in (["--encoder-blocks", "-1"], ["--encoder-blocks", "5"], ["--encoder-blocks", "1", "--train-encoder"]):
         assert msa.cli.main(["train", data, "--out", out, *common, *bad]) == 2, bad
     assert not (tmp_path / "a.pt").exists()
     assert msa.cli.main(["train", data, "--out", out, *common, "--encoder-blocks", "2"]) == 0

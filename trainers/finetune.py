@@ -27,7 +27,8 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+import tempfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,12 +40,13 @@ from monai.losses import DiceCELoss
 from tqdm.auto import tqdm
 
 from msa.checkpoint import atomic_save, read_checkpoint, save_adapters
-from msa.data import Case
+from msa.data import Source, Structures
 from msa.engine import Engine
 from msa.errors import MSAError
 from msa.evaluate import MIN_SLICE_VOXELS, interior_point
-from msa.io import Volume, load_image, resample_labels_to
+from msa.io import Volume, load_image, resample_labels_to, reslice
 from msa.metrics import dice
+from msa.store import FeatureStore
 from msa.modeling.msa import MSA
 from msa.transforms import SliceGeometry
 
@@ -63,12 +65,12 @@ class TrainConfig:
     box_click_probability: float = 0.4  # box and clicks; the rest of the samples get clicks only
     max_corrective_clicks: int = 2
     eval_every: int = 50
-    labels: list[int] | None = None  # None: every label present
-    val_labels: list[int] | None = None  # labels scored in validation (None: as `labels`)
     train_encoder: bool = False  # also train the encoder adapters (backpropagates through the encoder)
     encoder_blocks: int = 0  # also train the adapters of the encoder's last N blocks, on cached inputs of those
     val_every_nth_slice: int = 5  # without validation cases, hold out every n-th sample
     scales: list[float] = field(default_factory=lambda: [1.0])  # in-plane zooms of the training volumes
+    val_per_structure: int = 24  # validation samples per (source, structure), spread over its slices; 0: all
+    slab_depth: int = 8  # 3D models with encoder_blocks: consecutive slices encoded together per sample
 
     def __post_init__(self) -> None:
         if not (0 <= self.box_probability and 0 <= self.box_click_probability
@@ -79,13 +81,15 @@ class TrainConfig:
         if self.encoder_blocks < 0 or (self.encoder_blocks and self.train_encoder):
             raise MSAError("encoder_blocks must be >= 0, and it trains part of what train_encoder trains: "
                            "choose one of them")
+        if self.slab_depth < 1 or self.val_per_structure < 0:
+            raise MSAError("slab_depth must be >= 1 and val_per_structure >= 0")
 
 
 @dataclass
 class Sample:
-    case: int
+    case: int  # index into SliceData.volumes (a volume as sliced and zoomed for training)
     k: int
-    label: int
+    label: str  # structure name, a key of SliceData.structures[case]
 
 
 @dataclass
@@ -99,54 +103,118 @@ class Prompt:
 
 
 class SliceData:
-    """Volumes, reference label maps (K, J, I) and the (slice, label) samples drawn from them."""
+    """Volumes, reference label maps (K, J, I), the structures in each, and the (slice, structure)
+    samples drawn from them, grouped by source and structure so that every structure of every
+    source is drawn as often as any other (the adrenal glands as often as the liver).
 
-    def __init__(self, engine: Engine, pairs: list[tuple[Volume, np.ndarray]], labels: list[int] | None,
+    pairs / labels: one source from (volume, label map) pairs and label ids (None: all present).
+    """
+
+    def __init__(self, engine: Engine, pairs: list[tuple[Volume, np.ndarray]] = (), labels: list[int] | None = None,
                  scales: Sequence[float] = (1.0,)) -> None:
         self.engine = engine
-        pairs = [zoom_in_plane(volume, reference, s) for volume, reference in pairs for s in scales]
-        self.volumes = [volume for volume, _ in pairs]
-        self.references = [reference for _, reference in pairs]
-        self.block_inputs: dict[tuple[int, int], torch.Tensor] = {}  # (case, k) -> input of block first_trained_block
-        self.first_trained_block = 0
+        self.scales = tuple(scales)
+        self.volumes: list[Volume] = []
+        self.references: list[np.ndarray] = []
+        self.structures: list[Structures] = []
+        self.slices: list[list[int]] = []  # per volume: the slices that may be encoded (samples and their slabs)
         self.samples: list[Sample] = []
-        for index, reference in enumerate(self.references):
-            present = [int(v) for v in np.unique(reference) if v != 0]
-            for label in present if labels is None else [v for v in labels if v in present]:
-                areas = (reference == label).sum(axis=(1, 2))
-                self.samples += [Sample(index, int(k), label) for k in np.nonzero(areas >= MIN_SLICE_VOXELS)[0]]
+        self.source_of: list[int] = []  # per volume: its source's index
+        self.source_names: list[str] = []
+        self.weights: list[float] = []
+        self.first_trained_block = 0
+        if pairs:
+            self.source_names.append("data")
+            self.weights.append(1.0)
+            for volume, reference in pairs:
+                present = set(np.unique(reference).tolist()) - {0}
+                chosen = present if labels is None else [v for v in labels if v in present]
+                self._add(volume, reference, {str(v): (int(v),) for v in sorted(chosen)}, 0, 1)
+            self._check()
+
+    @classmethod
+    def from_sources(cls, engine: Engine, sources: list[Source], scales: Sequence[float] = (1.0,)) -> "SliceData":
+        """Every case of every source, in each of the source's slice directions; checked before any encoding."""
+        data = cls(engine, scales=scales)
+        for index, source in enumerate(sources):
+            data.source_names.append(source.name)
+            data.weights.append(source.weight)
+            before = len(data.samples)
+            for case in source.cases:
+                volume = load_image(case.image, modality=source.preset)
+                reference = resample_labels_to(case.labels, volume)
+                structures = source.structures(case, set(np.unique(reference).tolist()))
+                for axis in source.axes:
+                    data._add(*reslice(volume, reference, axis), structures, index, source.stride)
+            if len(data.samples) == before:
+                raise MSAError(f"source {source.name!r}: none of its cases holds the structures asked for "
+                               f"({source.labels or 'all labels'})")
+        data._check()
+        return data
+
+    def _add(self, volume: Volume, reference: np.ndarray, structures: Structures, source: int, stride: int) -> None:
+        for scale in self.scales:
+            zoomed, ref = zoom_in_plane(volume, reference, scale)
+            index = len(self.volumes)
+            labelled = np.nonzero((ref > 0).any(axis=(1, 2)))[0][::stride]  # slices far from any structure: none
+            self.volumes.append(zoomed)
+            self.references.append(ref)
+            self.structures.append(structures)
+            self.source_of.append(source)
+            self.slices.append([int(k) for k in labelled])
+            for name, ids in structures.items():
+                areas = np.isin(ref[labelled], ids).sum(axis=(1, 2))
+                self.samples += [Sample(index, int(k), name) for k in labelled[areas >= MIN_SLICE_VOXELS]]
+
+    def _check(self) -> None:
         if not self.samples:
             raise MSAError("no training samples: the chosen labels are absent or too small in the data")
 
-    @classmethod
-    def from_cases(cls, engine: Engine, cases: list[Case], labels: list[int] | None,
-                   scales: Sequence[float] = (1.0,)) -> "SliceData":
-        pairs = []
-        for case in cases:
-            volume = load_image(case.image)
-            pairs.append((volume, resample_labels_to(case.labels, volume)))
-        return cls(engine, pairs, labels, scales)
+    def groups(self) -> list[tuple[int, list[list[int]]]]:
+        """Per source with samples: (source index, [sample indices of each of its structures])."""
+        by_key: dict[tuple[int, str], list[int]] = {}
+        for n, s in enumerate(self.samples):
+            by_key.setdefault((self.source_of[s.case], s.label), []).append(n)
+        sources = sorted({source for source, _ in by_key})
+        return [(source, [by_key[key] for key in sorted(by_key) if key[0] == source]) for source in sources]
 
-    def encode_all(self) -> None:
-        for index, volume in enumerate(self.volumes):
-            self.engine.embeddings(volume, sorted({s.k for s in self.samples if s.case == index}))
+    def draw(self, rng: np.random.Generator, n: int) -> list[Sample]:
+        """n samples: a source by weight, then one of its structures, then one of that structure's slices."""
+        groups = self.groups()
+        weights = np.array([self.weights[source] for source, _ in groups])
+        out = []
+        for source in rng.choice(len(groups), size=n, p=weights / weights.sum()):
+            structures = groups[source][1]
+            members = structures[int(rng.integers(len(structures)))]
+            out.append(self.samples[members[int(rng.integers(len(members)))]])
+        return out
 
-    @torch.no_grad()
-    def encode_block_inputs(self, block: int) -> None:
-        """Cache, for every sample slice, the encoder's activation entering adapted block `block`."""
-        model, size = self.engine.model, self.engine.batch_size
-        self.first_trained_block = block
-        batches = []  # (volume index, slices)
-        for index in range(len(self.volumes)):
-            ks = sorted({s.k for s in self.samples if s.case == index})
-            batches += [(index, ks[n:n + size]) for n in range(0, len(ks), size)]
-        for index, ks in tqdm(batches, desc="encoding block inputs", unit="pass", disable=not self.engine.progress):
-            images = model.normalise(self.engine.model_input(self.volumes[index], ks).to(model.device))
-            for k, h in zip(ks, model.image_encoder.block_input(images, block)):
-                self.block_inputs[(index, k)] = h
+    def slab(self, s: Sample, depth: int, rng: np.random.Generator) -> list[int]:
+        """Up to `depth` consecutive slices holding s.k, inside the run of encodable slices around it."""
+        ks = self.slices[s.case]
+        at = ks.index(s.k)
+        lo = hi = at
+        while lo > 0 and ks[lo - 1] == ks[lo] - 1 and hi - lo + 1 < 2 * depth:
+            lo -= 1
+        while hi + 1 < len(ks) and ks[hi + 1] == ks[hi] + 1 and hi - lo + 1 < 4 * depth:
+            hi += 1
+        first, last = max(ks[lo], s.k - depth + 1), min(s.k, ks[hi] - depth + 1)
+        start = int(rng.integers(first, last + 1)) if last >= first else ks[lo]
+        return [k for k in range(start, start + depth) if k <= ks[hi]]
+
+    def prepare(self, block: int | None) -> None:
+        """Encode, once and in batches, what training reads: every sample slice's trunk at `block`
+        (encoder adapters train from there) or its embedding (decoder side only)."""
+        self.first_trained_block = block or 0
+        for index, ks in enumerate(tqdm(self.slices, desc="encoding volumes", unit="volume",
+                                        disable=not self.engine.progress or len(self.slices) < 2)):
+            if block is None:
+                self.engine.embeddings(self.volumes[index], ks)
+            else:
+                self.engine.ensure_trunks(self.volumes[index], ks, block)
 
     def target(self, s: Sample) -> np.ndarray:
-        return self.references[s.case][s.k] == s.label
+        return np.isin(self.references[s.case][s.k], self.structures[s.case][s.label])
 
     def geometry(self, s: Sample) -> SliceGeometry:
         return self.engine.geometry(self.volumes[s.case])
@@ -158,7 +226,8 @@ class SliceData:
         """
         model, depth = self.engine.model, self.engine.slab_depth
         if config.encoder_blocks:
-            inputs = torch.stack([self.block_inputs[(s.case, s.k)] for s in samples])
+            trunks = [self.engine.trunks(self.volumes[s.case], [s.k], self.first_trained_block) for s in samples]
+            inputs = torch.cat(trunks).to(model.device, torch.float32)
             return model.image_encoder.from_block(inputs, self.first_trained_block)
         if not config.train_encoder:
             return torch.stack([self.engine.embeddings(self.volumes[s.case], [s.k])[0] for s in samples])
@@ -212,8 +281,13 @@ class Trainer:
         blocks = self.model.image_encoder.adapted_blocks()
         if config.encoder_blocks > len(blocks):
             raise MSAError(f"encoder_blocks {config.encoder_blocks}: this encoder has {len(blocks)} blocks")
-        if config.encoder_blocks and self.model.config.three_d:
-            raise MSAError("encoder_blocks trains 2D models (cached per-slice inputs); in 3D use train_encoder")
+        if config.encoder_blocks and self.model.first_adapted_block() < len(blocks) - config.encoder_blocks:
+            raise MSAError(f"the adapters start with non-zero encoder adapters before the last {config.encoder_blocks} "
+                           "blocks: the cached inputs of those blocks would not be theirs; train more blocks")
+        # 3D with encoder_blocks: slabs of cached per-slice inputs. While the blocks before the trained ones
+        # have zero adapters (depth adapters included), their output is the 2D pass, slice by slice; so the
+        # stacked inputs of a slab's slices are exactly what the full 3D pass feeds the first trained block.
+        self.slabs = config.encoder_blocks > 0 and self.model.config.three_d and config.slab_depth > 1
         trained_blocks = blocks if config.train_encoder else blocks[len(blocks) - config.encoder_blocks:]
         encoder_params = {id(p) for block in trained_blocks for p in block.parameters()}
         self.params = [p for name, p in self.model.named_parameters()
@@ -222,7 +296,7 @@ class Trainer:
         # those are the student's own; otherwise the teacher encodes (each slice once, cached).
         student_encoder_adapted = config.train_encoder or config.encoder_blocks or not self.model.encoder_is_backbone()
         self.teacher_engine = (Engine(self.teacher, cache=engine.cache, slab_depth=engine.slab_depth,
-                                      batch_size=engine.batch_size)
+                                      batch_size=engine.batch_size, store=engine.store)
                                if self.teacher is not None and student_encoder_adapted else None)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -342,9 +416,12 @@ class Trainer:
 
     def train_step(self) -> float:
         rng = np.random.default_rng([self.config.seed, self.step, self.rank])
-        samples = [self.train.samples[p] for p in rng.choice(len(self.train.samples), size=self.config.batch_size)]
-        with self.autocast:
-            embeddings = self.train.embeddings(samples, self.config).float()
+        if self.slabs:
+            samples, embeddings = self._slab_batch(rng)
+        else:
+            samples = self.train.draw(rng, self.config.batch_size)
+            with self.autocast:
+                embeddings = self.train.embeddings(samples, self.config).float()
         prompts = self._prompts(rng, samples, embeddings)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss(embeddings, samples, prompts)
@@ -360,21 +437,49 @@ class Trainer:
         self.step += 1
         return float(loss.detach())
 
+    def _slab_batch(self, rng: np.random.Generator) -> tuple[list[Sample], torch.Tensor]:
+        """3D: slabs of consecutive slices around drawn samples, encoded together from their cached inputs;
+        every slice of a slab that holds the drawn structure is a sample."""
+        depth = self.config.slab_depth
+        samples, rows, out = [], [], []
+        for anchor in self.train.draw(rng, max(1, self.config.batch_size // depth)):
+            ks = self.train.slab(anchor, depth, rng)
+            inputs = self.train.engine.trunks(self.train.volumes[anchor.case], ks, self.train.first_trained_block)
+            with self.autocast:
+                out.append(self.model.image_encoder.from_block(inputs.to(self.model.device, torch.float32),
+                                                               self.train.first_trained_block, len(ks)).float())
+            for n, k in enumerate(ks):
+                sample = Sample(anchor.case, k, anchor.label)
+                if self.train.target(sample).sum() >= MIN_SLICE_VOXELS:
+                    samples.append(sample)
+                    rows.append(sum(len(e) for e in out[:-1]) + n)
+        return samples, torch.cat(out)[rows]
+
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Mean slice Dice on the validation samples with one interior click and with the tight box."""
+    def validate(self) -> dict:
+        """Slice Dice on the validation samples with one interior click and with the tight box, per source and
+        structure; dice_click1 / dice_box are the means over sources of the means over their structures."""
         self.model.weights_changed()  # trained encoder adapters: cached embeddings of older weights don't apply
-        click, box = [], []
+        scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
         for s in self.val_samples:
             target = self.val.target(s)
             j, i = interior_point(target)
             logits, _ = self.engine.predict(self.val.volumes[s.case], s.k, points=[(i, j, 1)])
-            click.append(dice(logits > 0, target))
+            click = dice(logits > 0, target)
             rows, cols = np.nonzero(target)
             logits, _ = self.engine.predict(self.val.volumes[s.case], s.k,
                                             box=(cols.min(), rows.min(), cols.max(), rows.max()))
-            box.append(dice(logits > 0, target))
-        return {"dice_click1": float(np.mean(click)), "dice_box": float(np.mean(box))}
+            source = self.val.source_names[self.val.source_of[s.case]]
+            scores.setdefault(source, {}).setdefault(s.label, []).append((click, dice(logits > 0, target)))
+        per_source = {source: {label: {"click1": float(np.mean([c for c, _ in rows])),
+                                       "box": float(np.mean([b for _, b in rows]))}
+                               for label, rows in sorted(labels.items())}
+                      for source, labels in scores.items()}
+        means = {source: {key: float(np.mean([row[key] for row in labels.values()])) for key in ("click1", "box")}
+                 for source, labels in per_source.items()}
+        return {"dice_click1": float(np.mean([m["click1"] for m in means.values()])),
+                "dice_box": float(np.mean([m["box"] for m in means.values()])),
+                "per_source": {source: {**means[source], "structures": labels} for source, labels in per_source.items()}}
 
     def save_state(self) -> None:
         atomic_save({"step": self.step, "best": self.best, "history": json.dumps(self.history),
@@ -442,6 +547,20 @@ def split_validation(samples: list[Sample], every: int) -> tuple[list[Sample], l
     return [s for s in ordered if s not in val], val
 
 
+def spread(samples: list[Sample], data: SliceData, per_structure: int) -> list[Sample]:
+    """At most per_structure samples of each (source, structure), evenly spaced over its slices (0: all)."""
+    if not per_structure:
+        return samples
+    groups: dict[tuple[int, str], list[Sample]] = {}
+    for s in sorted(samples, key=lambda s: (s.case, s.k)):
+        groups.setdefault((data.source_of[s.case], s.label), []).append(s)
+    out = []
+    for members in groups.values():
+        picks = np.linspace(0, len(members) - 1, min(per_structure, len(members))).round().astype(int)
+        out += [members[p] for p in picks]
+    return out
+
+
 def write_curves(history: list[dict], out: Path) -> None:
     """TensorBoard scalars and a PNG of the curves next to the adapter file."""
     import matplotlib
@@ -467,23 +586,26 @@ def write_curves(history: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def train(engine: Engine, cases: list[Case], out: str | Path, config: TrainConfig | None = None,
-          val_cases: list[Case] | None = None, resume: bool = True, on_progress=None,
+def train(engine: Engine, sources: list[Source], out: str | Path, config: TrainConfig | None = None,
+          val_sources: list[Source] | None = None, resume: bool = True, on_progress=None,
           teacher: MSA | None = None) -> dict:
-    """Fine-tune engine.model on cases; best adapters go to `out` (atomically). Returns stats.
+    """Fine-tune engine.model on the sources' cases; best adapters go to `out` (atomically). Returns stats.
 
-    teacher: the backbone without adapters; box-only samples then learn its answer instead of the labels.
+    Every image is read and checked before anything is encoded. teacher: the backbone without adapters;
+    box-only samples then learn its answer instead of the labels.
     """
     config = config or TrainConfig()
-    data = SliceData.from_cases(engine, cases, config.labels, config.scales)
-    val_labels = config.val_labels if config.val_labels is not None else config.labels
-    val = SliceData.from_cases(engine, val_cases, val_labels) if val_cases else None
+    data = SliceData.from_sources(engine, sources, config.scales)
+    val = SliceData.from_sources(engine, val_sources) if val_sources else None
     return train_on(engine, data, val, out, config, resume, on_progress, teacher)
 
 
 def train_on(engine: Engine, data: SliceData, val: SliceData | None, out: str | Path, config: TrainConfig,
              resume: bool = True, on_progress=None, teacher: MSA | None = None) -> dict:
-    """train() on data already loaded; without `val`, every n-th sample of `data` is held out."""
+    """train() on data already loaded; without `val`, every n-th sample of `data` is held out.
+
+    Slices are encoded once, up front, into the engine's feature store (a temporary one if it has none).
+    """
     engine.model.eval()  # also while training: frozen batch norms keep their statistics
     engine.multimask_single_click = False  # we train (and so validate) the single-mask output
     torch.manual_seed(config.seed)
@@ -492,14 +614,30 @@ def train_on(engine: Engine, data: SliceData, val: SliceData | None, out: str | 
         data.samples, val_samples = split_validation(data.samples, config.val_every_nth_slice)
     else:
         val_samples = val.samples
+    val_samples = spread(val_samples, val, config.val_per_structure)
     trainer = Trainer(engine, data, val_samples, val, config, Path(out), teacher)  # checks the config first
-    if config.encoder_blocks:
-        data.encode_block_inputs(len(engine.model.image_encoder.adapted_blocks()) - config.encoder_blocks)
-    elif not config.train_encoder:
-        data.encode_all()  # fixed embeddings: encode each slice once, in batches
-    if resume:
-        trainer.resume()
-    return trainer.run(on_progress)
+    with _feature_store(engine):
+        if config.encoder_blocks:
+            data.prepare(len(engine.model.image_encoder.adapted_blocks()) - config.encoder_blocks)
+        elif not config.train_encoder:
+            data.prepare(None)  # fixed embeddings: the trunk each slice's embedding is computed from
+        if resume:
+            trainer.resume()
+        return trainer.run(on_progress)
+
+
+@contextmanager
+def _feature_store(engine: Engine):
+    """The engine's feature store, or a temporary one for the duration of the block."""
+    if engine.store is not None:
+        yield engine.store
+        return
+    with tempfile.TemporaryDirectory(prefix="msa-features-") as folder:
+        engine.store = FeatureStore(folder)
+        try:
+            yield engine.store
+        finally:
+            engine.store = None
 
 
 def init_distributed() -> None:

@@ -174,8 +174,11 @@ def read_adapter_metadata(path: str | Path) -> dict:
     return payload["metadata"]
 
 
-def load_adapters(model: MSA, path: str | Path) -> dict:
-    """Load an adapter file into `model`, refusing one made for another backbone. Returns its metadata."""
+def load_adapters(model: MSA, path: str | Path, allow_2d: bool = False) -> dict:
+    """Load an adapter file into `model`, refusing one made for another backbone. Returns its metadata.
+
+    allow_2d: a 2D file may start a 3D model (to train its depth branch): the depth adapters stay zero.
+    """
     payload = read_checkpoint(path)
     meta = payload.get("metadata", {}) if isinstance(payload, dict) else {}
     if meta.get("format") != ADAPTER_FORMAT:
@@ -187,12 +190,13 @@ def load_adapters(model: MSA, path: str | Path) -> dict:
         raise CheckpointError(
             f"{path} was trained on other {meta['backbone']} weights (backbone sha256 "
             f"{meta['backbone_sha256'][:12]}, loaded {model.backbone_hash()[:12]})")
-    if meta["three_d"] != model.config.three_d or meta["adapter"] != model.config.to_dict()["adapter"]:
+    from_2d = allow_2d and model.config.three_d and not meta["three_d"]
+    if (meta["three_d"] != model.config.three_d and not from_2d) or meta["adapter"] != model.config.to_dict()["adapter"]:
         raise CheckpointError(
             f"{path} holds adapters shaped {meta['adapter']} three_d={meta['three_d']}; the model has "
             f"{model.config.to_dict()['adapter']} three_d={model.config.three_d}")
     state = payload["state_dict"]
-    expected = set(model.trainable_state_dict())
+    expected = {k for k in model.trainable_state_dict() if not (from_2d and "depth_adapter." in k)}
     if set(state) != expected or not all(is_trainable(k) for k in state):
         raise CheckpointError(f"{path}: its tensors do not match the model's trainable parts")
     model.load_state_dict(state, strict=False)

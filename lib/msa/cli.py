@@ -59,7 +59,17 @@ def _engine(args: argparse.Namespace):
     adapters = None if args.no_adapters else (args.adapters or default_adapters(args.backbone, args.three_d))
     model = build_model(args.backbone, checkpoint=args.checkpoint, adapters=adapters, three_d=args.three_d,
                         device=args.device)
-    return Engine(model, progress=True)
+    return Engine(model, progress=True, store=_store(args))
+
+
+def _store(args: argparse.Namespace):
+    """The feature store of --cache-dir (or $MSA_CACHE_DIR), if any."""
+    import os
+
+    from .store import FeatureStore
+
+    folder = args.cache_dir or os.environ.get("MSA_CACHE_DIR")
+    return FeatureStore(folder) if folder else None
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -86,12 +96,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .data import load_cases
+    from .data import parse_source
     from .evaluate import evaluate, markdown_table
 
-    cases = load_cases(args.data, split=args.split)
+    source = parse_source(args.data, split=args.split, labels=args.labels)
     report = Path(args.report) if args.report else None
-    summary = evaluate(_engine(args), cases, args.prompt, labels=args.labels, noc=args.noc, report_dir=report)
+    summary = evaluate(_engine(args), source, args.prompt, noc=args.noc, report_dir=report)
     print(json.dumps(summary, indent=1) if args.json else markdown_table(summary))
     return 0
 
@@ -114,19 +124,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label_ids(requested: str | None, case) -> list[int] | None:
-    """`--labels spleen,5` -> label ids, checked against the case's label map."""
-    if not requested:
-        return None
-    import numpy as np
-
-    from .data import select_labels
-    from .io import load_image, resample_labels_to
-
-    present = set(np.unique(resample_labels_to(case.labels, load_image(case.image))).tolist())
-    return sorted(select_labels(requested, case, present))
-
-
 def _parse_scales(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
@@ -135,32 +132,37 @@ def _parse_scales(text: str) -> list[float]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .data import load_cases
+    from .data import parse_source
     from .trainers import TrainConfig, init_distributed, selection_score, train
 
     init_distributed()
-    cases = load_cases(args.data, split=args.split)
-    val_cases = load_cases(args.val) if args.val else None
-    labels = _label_ids(args.labels, cases[0])
-    val_labels = _label_ids(args.val_labels, val_cases[0]) if args.val_labels and val_cases else None
+    # Every source is parsed and checked (files, options, label names) before a model is built.
+    sources = [parse_source(spec, split=args.split or "training", labels=args.labels) for spec in args.data]
+    val_sources = [parse_source(spec, split="validation", labels=args.val_labels or args.labels) for spec in args.val]
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         eval_every=args.eval_every, labels=labels, val_labels=val_labels,
-                         train_encoder=args.train_encoder, encoder_blocks=args.encoder_blocks,
-                         scales=_parse_scales(args.scales),
+                         eval_every=args.eval_every, train_encoder=args.train_encoder,
+                         encoder_blocks=args.encoder_blocks, scales=_parse_scales(args.scales),
+                         slab_depth=args.slab_depth, val_per_structure=args.val_per_structure,
                          **{k: v for k, v in (("box_probability", args.box_probability),
                                               ("box_click_probability", args.box_click_probability)) if v is not None})
-    args.no_adapters = not args.adapters  # start from the backbone alone unless told to continue some adapters
     import torch
 
+    from .checkpoint import load_adapters
+    from .engine import Engine
     from .modeling.build import build_model
 
     torch.manual_seed(args.seed)  # random-weight backbones (tests) must be the same on every rank
-    engine = _engine(args)
+    # Start from the backbone alone unless told to continue some adapters (a 2D file may start a 3D model).
+    model = build_model(args.backbone, checkpoint=args.checkpoint, three_d=args.three_d, device=args.device)
+    if args.adapters:
+        load_adapters(model, args.adapters, allow_2d=True)
+    engine = Engine(model, progress=True, store=_store(args))
     teacher = None
-    if args.box_teacher:  # the backbone alone: box-only samples learn its answer
+    if args.box_teacher:  # the 2D backbone alone (its depth branch would add nothing): box-only samples learn its answer
         torch.manual_seed(args.seed)
-        teacher = build_model(args.backbone, checkpoint=args.checkpoint, three_d=args.three_d, device=args.device)
-    stats = train(engine, cases, args.out, config, val_cases=val_cases, resume=not args.restart, teacher=teacher)
+        teacher = build_model(args.backbone, checkpoint=args.checkpoint, device=args.device)
+    stats = train(engine, sources, args.out, config, val_sources=val_sources or None, resume=not args.restart,
+                  teacher=teacher)
     best = max(stats["history"], key=selection_score) if stats["history"] else {}
     line = json.dumps({"adapters": stats["adapters"], "steps": stats["steps"], "best": best, "rank": stats["rank"],
                        "trainable_sha256": stats["trainable_sha256"]})
@@ -206,6 +208,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-adapters", action="store_true", help="the backbone alone (zero adapters)")
     parser.add_argument("--three-d", action="store_true", help="3D depth branch: encode slabs of slices together")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--cache-dir", help="keep encoder features of every slice here and reuse them "
+                                            "(default: $MSA_CACHE_DIR, else none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.set_defaults(func=_cmd_segment)
 
     evaluate = commands.add_parser("eval", help="Dice / IoU / HD95 under a prompting protocol")
-    evaluate.add_argument("data", help="IMAGE:LABELS, a folder of pairs, or an MSD-style datalist JSON")
+    evaluate.add_argument("data", help="IMAGE:LABELS, a folder of pairs, or an MSD-style datalist JSON, with "
+                                       "options DATA::key=value... (cases=18-23, axes=i, whole=NAME, ...)")
     evaluate.add_argument("--prompt", default="box", choices=PROTOCOLS)
     evaluate.add_argument("--labels", help="comma-separated label names or ids (default: all present)")
     evaluate.add_argument("--split", help="datalist key (default: validation if present, else training)")
@@ -239,12 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_cmd_eval)
 
     trainer = commands.add_parser("train", help="fine-tune the adapters with simulated clicks and boxes")
-    trainer.add_argument("data", help="IMAGE:LABELS, a folder of pairs, or an MSD-style datalist JSON")
+    trainer.add_argument("data", nargs="+", help="training sources: IMAGE:LABELS, a folder of pairs or an MSD-style "
+                                                 "datalist JSON, each with options DATA::key=value... "
+                                                 "(cases, labels, whole, names, preset, axes, stride, weight)")
     trainer.add_argument("--out", required=True, help="adapter file to write (best validation score)")
-    trainer.add_argument("--val", help="validation DATA (default: every 5th slice of DATA held out)")
-    trainer.add_argument("--labels", help="comma-separated label names or ids (default: all present)")
-    trainer.add_argument("--val-labels", help="labels scored in validation (default: as --labels)")
-    trainer.add_argument("--split", help="datalist key (default: validation if present, else training)")
+    trainer.add_argument("--val", action="append", default=[], metavar="DATA",
+                         help="a validation source, as DATA (repeatable; default: every 5th slice of DATA held out)")
+    trainer.add_argument("--labels", help="labels of sources without their own labels= (default: all present)")
+    trainer.add_argument("--val-labels", help="labels of validation sources without labels= (default: as --labels)")
+    trainer.add_argument("--split", help="datalist key of the training sources (default: training)")
     trainer.add_argument("--steps", type=int, default=300)
     trainer.add_argument("--batch-size", type=int, default=8)
     trainer.add_argument("--lr", type=float, default=1e-4)
@@ -263,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="train the encoder adapters too (backpropagates through the encoder: use a GPU)")
     trainer.add_argument("--encoder-blocks", type=int, default=0, metavar="N",
                          help="train the adapters of the encoder's last N blocks too, on cached inputs of those "
-                              "blocks (2D; cheap enough for a CPU)")
+                              "blocks (2D, or 3D on slabs of them; cheap enough for a CPU)")
+    trainer.add_argument("--slab-depth", type=int, default=8,
+                         help="3D with --encoder-blocks: consecutive slices encoded together (default 8)")
+    trainer.add_argument("--val-per-structure", type=int, default=24,
+                         help="validation slices per source and structure, spread evenly (0: all; default 24)")
     _model_options(trainer)
     trainer.set_defaults(func=_cmd_train)
 

@@ -5,13 +5,26 @@ DATA may be
 - a folder: MSD style (imagesTr/X + labelsTr/X), or pairs `X` + `X_labels.nii.gz` side by side,
 - an MSD-style datalist JSON ({"training": [{"image": ..., "label": ...}], "labels": {...}}),
   paths relative to the JSON file.
-Label names come from the datalist's "labels", or a sidecar JSON next to the label map
-(`X_labels.json` with {"labels": {"1": "spleen", ...}}); otherwise labels are named by id.
+Label names come from the datalist's "labels", a folder's `labels.json` ({"1": "spleen", ...}), or a
+sidecar JSON next to the label map (`X_labels.json` with {"labels": {"1": "spleen", ...}}); otherwise
+labels are named by id.
+
+A *source* (training and evaluation take several) is DATA followed by options, each `::key=value`:
+
+    ../shared/data/btcv::cases=0-17::labels=spleen,liver
+    brain.nii.gz:aseg.nii.gz::names=freesurfer-aseg::whole=brain::axes=k,j::stride=2::weight=0.5
+
+split=KEY (datalist list), cases=0-17,20 (numbers in the image file names), labels=a,b (names or ids;
+default all), whole=NAME (one more structure: every labelled voxel), names=TABLE|FILE.json (label
+names: a table shipped with msa, or a JSON file), preset=ct|mr|rgb (intensity preset; default
+detected), axes=k,j,i (slice directions; default k, as stored), stride=N (every N-th slice),
+weight=W (share of training samples, relative to the other sources), name=NAME (in reports).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -98,6 +111,7 @@ def _folder(path: Path) -> list[Case]:
     if (path / "imagesTr").is_dir() and (path / "labelsTr").is_dir():
         return [_case(img, path / "labelsTr" / img.name) for img in sorted((path / "imagesTr").iterdir())
                 if _is_image(img) and (path / "labelsTr" / img.name).exists()]
+    names = read_label_table(path / "labels.json") if (path / "labels.json").is_file() else None
     cases = []
     for image in sorted(path.iterdir()):
         stem = image.name.split(".")[0]
@@ -106,26 +120,141 @@ def _folder(path: Path) -> list[Case]:
         for ext in (".nii.gz", ".nii", ".nrrd", ".png"):
             labels = path / f"{stem}_labels{ext}"
             if labels.exists():
-                cases.append(_case(image, labels))
+                cases.append(_case(image, labels, names))
                 break
     return cases
 
 
-def select_labels(requested: str | None, case: Case, present: set[int]) -> dict[int, str]:
-    """`--labels spleen,5` -> {1: 'spleen', 5: 'liver'}; all labels present when None."""
-    names = {i: case.names.get(i, str(i)) for i in sorted(present) if i != 0}
+# -- label tables ---------------------------------------------------------------------------------
+
+LABEL_TABLES = {"freesurfer-aseg": "freesurfer_aseg.json"}  # shipped in msa/label_tables/
+
+
+def read_label_table(path: Path) -> dict[int, str]:
+    """A JSON object {"id": "name"} (or {"labels": {...}}) -> {id: name}."""
+    try:
+        data = json.loads(Path(path).read_text())
+        data = data.get("labels", data)
+        return {int(k): str(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise MSAError(f"cannot read label names from {path}: {exc}") from exc
+
+
+def _label_table(spec: str) -> dict[int, str]:
+    if spec in LABEL_TABLES:
+        return read_label_table(Path(str(resources.files("msa") / "label_tables" / LABEL_TABLES[spec])))
+    if not Path(spec).is_file():
+        raise MSAError(f"names={spec}: neither a label table shipped with msa ({', '.join(LABEL_TABLES)}) "
+                       "nor a JSON file")
+    return read_label_table(Path(spec))
+
+
+# -- sources --------------------------------------------------------------------------------------
+
+Structures = dict[str, tuple[int, ...]]  # structure name -> the label ids that make it
+
+
+@dataclass
+class Source:
+    """One data set with the options that say how to use it (see the module docstring)."""
+
+    name: str
+    cases: list[Case]
+    labels: str | None = None
+    whole: str | None = None
+    preset: str | None = None
+    axes: tuple[str, ...] = ("k",)
+    stride: int = 1
+    weight: float = 1.0
+
+    def structures(self, case: Case, present: set[int]) -> Structures:
+        """The structures to segment in one case, from the labels present in its label map."""
+        present = {v for v in present if v != 0}
+        chosen = resolve_labels(self.labels, case.names)
+        out = {name: (label,) for label, name in chosen.items() if label in present} if chosen else \
+            {case.names.get(label, str(label)): (label,) for label in sorted(present)}
+        if self.whole and present:
+            out[self.whole] = tuple(sorted(present))
+        return out
+
+
+_OPTIONS = ("split", "cases", "labels", "whole", "names", "preset", "axes", "stride", "weight", "name")
+
+
+def parse_source(spec: str, split: str | None = None, labels: str | None = None) -> Source:
+    """`DATA[::key=value]...` -> Source; `split` and `labels` are the defaults of those options."""
+    data, *options = spec.split("::")
+    values: dict[str, str] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in _OPTIONS or not value:
+            raise MSAError(f"bad source option {option!r} in {spec!r}: use key=value with key one of "
+                           f"{', '.join(_OPTIONS)}")
+        values[key] = value
+    cases = load_cases(data, split=values.get("split", split))
+    if "cases" in values:
+        wanted = _number_set(values["cases"], spec)
+        cases = [c for c in cases if _case_number(c) in wanted]
+        if not cases:
+            raise MSAError(f"{spec}: no case numbered {values['cases']}")
+    if "names" in values:
+        table = _label_table(values["names"])
+        for case in cases:
+            case.names = dict(table)
+    from .io import SLICE_AXES
+    from .transforms import PRESETS
+
+    axes = tuple(a.strip() for a in values.get("axes", "k").split(","))
+    if not axes or any(a not in SLICE_AXES for a in axes):
+        raise MSAError(f"{spec}: axes must be some of {', '.join(SLICE_AXES)}")
+    preset = values.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise MSAError(f"{spec}: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    try:
+        stride, weight = int(values.get("stride", 1)), float(values.get("weight", 1))
+    except ValueError:
+        raise MSAError(f"{spec}: stride must be an integer and weight a number") from None
+    if stride < 1 or not weight > 0:
+        raise MSAError(f"{spec}: stride must be >= 1 and weight > 0")
+    source = Source(name=values.get("name", _default_name(data)), cases=cases, labels=values.get("labels", labels),
+                    whole=values.get("whole"), preset=preset, axes=axes, stride=stride, weight=weight)
+    resolve_labels(source.labels, cases[0].names)  # unknown names fail now, before any image is read
+    return source
+
+
+def resolve_labels(requested: str | None, names: dict[int, str]) -> dict[int, str]:
+    """`spleen,5` -> {1: 'spleen', 5: 'liver'} (names from `names`, ids as given); {} for None."""
     if not requested:
-        return names
-    by_name = {v: k for k, v in case.names.items()}
+        return {}
+    by_name = {v: k for k, v in names.items()}
     out = {}
     for token in (t.strip() for t in requested.split(",") if t.strip()):
         if token.isdigit():
-            label = int(token)
+            out[int(token)] = names.get(int(token), token)
         elif token in by_name:
-            label = by_name[token]
+            out[by_name[token]] = token
         else:
-            raise MSAError(f"unknown label {token!r} in {case.labels.name}")
-        if label not in present:
-            raise MSAError(f"label {token!r} is not present in {case.labels.name}")
-        out[label] = case.names.get(label, str(label))
+            known = ", ".join(sorted(by_name)) or "none: use label ids"
+            raise MSAError(f"unknown label {token!r} (names known: {known})")
     return out
+
+
+def _default_name(data: str) -> str:
+    path = Path(data.split(":")[0] if not Path(data).exists() else data)
+    return path.parent.name if path.suffix == ".json" else path.name.split(".")[0]
+
+
+def _case_number(case: Case) -> int | None:
+    digits = re.findall(r"\d+", case.name)
+    return int(digits[-1]) if digits else None
+
+
+def _number_set(text: str, spec: str) -> set[int]:
+    numbers: set[int] = set()
+    for part in text.split(","):
+        low, sep, high = part.partition("-")
+        try:
+            numbers |= set(range(int(low), int(high) + 1)) if sep else {int(low)}
+        except ValueError:
+            raise MSAError(f"{spec}: cases takes numbers and ranges such as 0-17,20") from None
+    return numbers

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .io import Volume
 from .modeling.msa import MSA
+from .store import FeatureStore
 from .transforms import PRESETS, SliceGeometry, apply_window, slice_to_rgb
 
 
@@ -68,9 +69,13 @@ class Engine:
     """
 
     def __init__(self, model: MSA, cache_bytes: int = 2 << 30, slab_depth: int = 8, batch_size: int = 4,
-                 use_cache: bool = True, progress: bool = False, cache: EmbeddingCache | None = None) -> None:
+                 use_cache: bool = True, progress: bool = False, cache: EmbeddingCache | None = None,
+                 store: FeatureStore | None = None) -> None:
         self.model = model.eval()
         self.cache = cache if cache is not None else EmbeddingCache(cache_bytes)  # may be shared by engines
+        # With a store, each slice's trunk (the backbone's input of the model's first adapted encoder block)
+        # is kept on disk, and embeddings are computed from it: only the adapted blocks run (msa.store).
+        self.store = store
         self.slab_depth = slab_depth if model.config.three_d else 1
         self.batch_size = batch_size
         self.use_cache = use_cache
@@ -118,15 +123,75 @@ class Engine:
             found = {k: self.cache.get((model_key, volume.key, k)) for k in ks} if self.use_cache else {}
             missing = [k for k in ks if found.get(k) is None]
             units = self._units(volume, missing)
-            for unit in tqdm(units, desc="encoding", unit="pass", disable=not self.progress or len(units) < 2):
-                images = self.model_input(volume, unit).to(self.model.device)
-                out = self.model.encode(images, depth=len(unit) if self.slab_depth > 1 else 1)
-                self.encoded_slices += len(unit)
+            if self.store is not None:  # the trunks of every missing slice first, in batches
+                self.ensure_trunks(volume, sorted({k for unit in units for k in unit}))
+            for unit in tqdm(units, desc="encoding", unit="pass",
+                             disable=not self.progress or len(units) < 2 or self.store is not None):
+                depth = len(unit) if self.slab_depth > 1 else 1
+                if self.store is not None:
+                    trunk = self.trunks(volume, unit).to(self.model.device, torch.float32)
+                    out = self.model.image_encoder.from_block(trunk, self._trunk_block(None), depth)
+                else:
+                    images = self.model_input(volume, unit).to(self.model.device)
+                    out = self.model.encode(images, depth=depth)
+                    self.encoded_slices += len(unit)
                 for k, emb in zip(unit, out):
                     found[k] = emb
                     if self.use_cache:
                         self.cache.put((model_key, volume.key, k), emb)
             return torch.stack([found[k] for k in ks])
+
+    @torch.no_grad()
+    def trunks(self, volume: Volume, ks: list[int], block: int | None = None) -> torch.Tensor:
+        """(len(ks), ...) float16: the backbone's input of adapted block `block` (default: the model's first
+        adapted block) for slices ks, from the store; missing ones are computed and stored."""
+        block = self._trunk_block(block)
+        self.ensure_trunks(volume, ks, block)
+        space = FeatureStore.space(self.model.backbone_hash(), block)
+        image = FeatureStore.image(volume.key, volume.modality)
+        found = [self.store.get(space, image, k) for k in ks]
+        if any(t is None for t in found):  # removed under our feet: compute them again
+            self.ensure_trunks(volume, ks, block, force=True)
+            found = [self.store.get(space, image, k) for k in ks]
+        return torch.stack(found)
+
+    @torch.no_grad()
+    def ensure_trunks(self, volume: Volume, ks: list[int], block: int | None = None, force: bool = False) -> None:
+        """Compute and store the trunks of slices ks that the store lacks, in batches.
+
+        A trunk is derived from the deepest trunk already stored below it (running only the blocks in
+        between, which have zero adapters here) before the whole stem and early blocks run again.
+        """
+        block = self._trunk_block(block)
+        backbone, image = self.model.backbone_hash(), FeatureStore.image(volume.key, volume.modality)
+        space = FeatureStore.space(backbone, block)
+        missing = [k for k in ks if force or not self.store.path(space, image, k).is_file()]
+        plans: dict[int, list[int]] = {}  # block to start from (-1: the images) -> slices
+        for k in missing:
+            start = next((b for b in range(block - 1, -1, -1)
+                          if self.store.path(FeatureStore.space(backbone, b), image, k).is_file()), -1)
+            plans.setdefault(start, []).append(k)
+        batches = [(start, group[n:n + self.batch_size]) for start, group in plans.items()
+                   for n in range(0, len(group), self.batch_size)]
+        encoder, device = self.model.image_encoder, self.model.device
+        for start, batch in tqdm(batches, desc="encoding", unit="pass", disable=not self.progress or len(batches) < 2):
+            if start < 0:
+                images = self.model.normalise(self.model_input(volume, batch).to(device))
+                out = encoder.block_input(images, block)
+                self.encoded_slices += len(batch)
+            else:
+                lower = [self.store.get(FeatureStore.space(backbone, start), image, k) for k in batch]
+                out = encoder.run_blocks(torch.stack(lower).to(device, torch.float32), start, block)
+            for k, trunk in zip(batch, out):
+                self.store.put(space, image, k, trunk)
+
+    def _trunk_block(self, block: int | None) -> int:
+        first_adapted = self.model.first_adapted_block()
+        if block is None:
+            return first_adapted
+        if block > first_adapted:
+            raise ValueError(f"a trunk at block {block} would skip the adapters of block {first_adapted}")
+        return block
 
     # -- decoder ---------------------------------------------------------------------------------
 

@@ -19,10 +19,10 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import metrics
-from .data import Case, select_labels
+from .data import Case, Source, Structures
 from .engine import Engine
 from .errors import MSAError
-from .io import load_image, resample_labels_to
+from .io import load_image, resample_labels_to, reslice
 from .overlay import save_overlay
 from .session import Session
 
@@ -66,77 +66,92 @@ class _SliceClicker:
 
 def evaluate(
     engine: Engine,
-    cases: list[Case],
+    source: Source | list[Case],
     protocol: str,
     labels: str | None = None,
     noc: bool = False,
     report_dir: Path | None = None,
     overlays_per_case: int = 4,
 ) -> dict:
-    """Score `protocol` on every case and label; returns the JSON-ready summary."""
+    """Score `protocol` on every case and structure of `source` (or of plain cases, with `labels`);
+    returns the JSON-ready summary."""
     if protocol not in PROTOCOLS:
         raise MSAError(f"unknown prompt protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if not isinstance(source, Source):
+        source = Source("data", list(source), labels=labels)
     per_label: dict[str, list[dict]] = {}
     overlays: list[str] = []
-    for case in cases:
-        volume = load_image(case.image)
+    for case in source.cases:
+        volume = load_image(case.image, modality=source.preset)
         ref_map = resample_labels_to(case.labels, volume)  # by world coordinates: any orientation
-        chosen = select_labels(labels, case, set(np.unique(ref_map).tolist()))
-        spacing_kji = tuple(reversed(volume.geometry.GetSpacing()))
-        if protocol in ("box", "click1", "click3"):
-            slices = sorted({k for label in chosen for k in np.nonzero(
-                (ref_map == label).sum(axis=(1, 2)) >= MIN_SLICE_VOXELS)[0].tolist()})
-            engine.embeddings(volume, slices)  # all at once, in batches, with a progress bar
-        shown = 0
-        for label, name in tqdm(chosen.items(), desc=case.name, unit="label", disable=not engine.progress):
-            ref = ref_map == label
-            if protocol in ("roi", "3d-click"):
-                session = Session(engine, volume)
-                if protocol == "roi":
-                    kk, jj, ii = np.nonzero(ref)
-                    session.add_roi([ii.min(), ii.max(), jj.min(), jj.max(), kk.min(), kk.max()], label=label)
-                    clicks = []
-                else:
-                    k, j, i = interior_point(ref)
-                    session.add_point((i, j, k), label=label)
-                    clicks = [(i, j, k, 1)]
-                pred = session.mask(label)
-                per_label.setdefault(name, []).append(_score(pred, ref, spacing_kji))
-                if report_dir is not None and shown < overlays_per_case:
-                    k = interior_point(ref)[0]
-                    overlays.append(str(save_overlay(
-                        report_dir / f"{case.name}_{name}_k{k}.png", volume, k, ref[k], pred[k],
-                        [c[:2] + (c[3],) for c in clicks if c[2] == k], box=session.tracks[label].boxes.get(k))))
-                    shown += 1
-                continue
-            for k in np.nonzero(ref.sum(axis=(1, 2)) >= MIN_SLICE_VOXELS)[0]:
-                ref_k = ref[k]
-                row = {}
-                box = None
-                if protocol == "box":
-                    jj, ii = np.nonzero(ref_k)
-                    box = (ii.min(), jj.min(), ii.max(), jj.max())
-                    pred = engine.predict(volume, k, box=box)[0] > 0
-                    points = []
-                else:
-                    # One simulated user serves the protocol and NoC: same click sequence.
-                    clicker, clicks = _SliceClicker(engine, volume, k), 3 if protocol == "click3" else 1
-                    pred, reached = metrics.simulate_clicks(clicker, ref_k, NOC_TARGETS if noc else (), clicks,
-                                                            first=(interior_point(ref_k), True))
-                    points = clicker.points[:clicks]
-                    row.update({f"noc{round(100 * t)}": n for t, n in reached.items()})
-                row.update(_score(pred, ref_k, spacing_kji[1:]))
-                per_label.setdefault(name, []).append(row)
-                if report_dir is not None and shown < overlays_per_case and k == interior_point(ref)[0]:
-                    overlays.append(str(save_overlay(report_dir / f"{case.name}_{name}_k{k}.png", volume, k,
-                                                     ref_k, pred, points, box=box)))
-                    shown += 1
-    summary = _summarise(protocol, per_label, len(cases))
+        structures = source.structures(case, set(np.unique(ref_map).tolist()))
+        for axis in source.axes:
+            view, view_map = reslice(volume, ref_map, axis)
+            _evaluate_volume(engine, view, view_map, structures, protocol, source.stride, noc, per_label,
+                             case.name + ("" if axis == "k" else f"_{axis}"), report_dir, overlays, overlays_per_case)
+    summary = _summarise(protocol, per_label, len(source.cases))
     summary["encoded_slices"] = engine.encoded_slices
     if report_dir is not None:
         summary["overlays"] = overlays
         (report_dir / "report.md").write_text(markdown_table(summary))
     return summary
+
+
+def _evaluate_volume(engine: Engine, volume, ref_map: np.ndarray, structures: Structures, protocol: str,
+                     stride: int, noc: bool, per_label: dict[str, list[dict]], name: str,
+                     report_dir: Path | None, overlays: list[str], overlays_per_case: int) -> None:
+    """Score every structure of one volume (as sliced for this protocol) into per_label."""
+    spacing_kji = tuple(reversed(volume.geometry.GetSpacing()))
+    scored = np.nonzero((ref_map > 0).any(axis=(1, 2)))[0][::stride]  # the slices 2D protocols may score
+    masks = {label: np.isin(ref_map, ids) for label, ids in structures.items()}
+    if protocol in ("box", "click1", "click3"):
+        slices = sorted({int(k) for ref in masks.values() for k in scored[ref[scored].sum(axis=(1, 2)) >= MIN_SLICE_VOXELS]})
+        engine.embeddings(volume, slices)  # all at once, in batches, with a progress bar
+    shown = 0
+    for label, ref in tqdm(masks.items(), desc=name, unit="label", disable=not engine.progress):
+        if not ref.any():
+            continue
+        if protocol in ("roi", "3d-click"):
+            session = Session(engine, volume)
+            if protocol == "roi":
+                kk, jj, ii = np.nonzero(ref)
+                session.add_roi([ii.min(), ii.max(), jj.min(), jj.max(), kk.min(), kk.max()])
+                clicks = []
+            else:
+                k, j, i = interior_point(ref)
+                session.add_point((i, j, k))
+                clicks = [(i, j, k, 1)]
+            pred = session.mask(1)
+            per_label.setdefault(label, []).append(_score(pred, ref, spacing_kji))
+            if report_dir is not None and shown < overlays_per_case:
+                k = interior_point(ref)[0]
+                overlays.append(str(save_overlay(
+                    report_dir / f"{name}_{label}_k{k}.png", volume, k, ref[k], pred[k],
+                    [c[:2] + (c[3],) for c in clicks if c[2] == k], box=session.tracks[1].boxes.get(k))))
+                shown += 1
+            continue
+        for k in scored[ref[scored].sum(axis=(1, 2)) >= MIN_SLICE_VOXELS]:
+            ref_k = ref[k]
+            row = {}
+            box = None
+            if protocol == "box":
+                jj, ii = np.nonzero(ref_k)
+                box = (ii.min(), jj.min(), ii.max(), jj.max())
+                pred = engine.predict(volume, k, box=box)[0] > 0
+                points = []
+            else:
+                # One simulated user serves the protocol and NoC: same click sequence.
+                clicker, clicks = _SliceClicker(engine, volume, k), 3 if protocol == "click3" else 1
+                pred, reached = metrics.simulate_clicks(clicker, ref_k, NOC_TARGETS if noc else (), clicks,
+                                                        first=(interior_point(ref_k), True))
+                points = clicker.points[:clicks]
+                row.update({f"noc{round(100 * t)}": n for t, n in reached.items()})
+            row.update(_score(pred, ref_k, spacing_kji[1:]))
+            per_label.setdefault(label, []).append(row)
+            if report_dir is not None and shown < overlays_per_case and k == interior_point(ref)[0]:
+                overlays.append(str(save_overlay(report_dir / f"{name}_{label}_k{k}.png", volume, k,
+                                                 ref_k, pred, points, box=box)))
+                shown += 1
 
 
 def _summarise(protocol: str, per_label: dict[str, list[dict]], n_cases: int) -> dict:

@@ -169,8 +169,45 @@ def load_labels(path: str | Path, volume: Volume) -> np.ndarray:
 
 
 def resample_labels_to(labels_path: str | Path, volume: Volume) -> np.ndarray:
-    """A label file on ANY grid, resampled (nearest neighbour, by world coordinates) onto the volume's grid."""
-    image = sitk.ReadImage(str(labels_path))
+    """A label file on ANY grid, resampled (nearest neighbour, by world coordinates) onto the volume's grid.
+
+    A label map that does not lie on the image (another case's, say) is refused rather than silently
+    cropped: less than half of its labelled volume falling inside the image is an error.
+    """
+    try:
+        image = sitk.ReadImage(str(labels_path))
+    except Exception as exc:
+        raise ImageError(f"cannot read label file {labels_path}") from exc
     out = sitk.Resample(image, volume.geometry, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
     labels = sitk.GetArrayFromImage(out)
-    return (labels[None] if out.GetDimension() == 2 else labels).astype(np.int64)
+    labels = (labels[None] if out.GetDimension() == 2 else labels).astype(np.int64)
+    before = np.count_nonzero(sitk.GetArrayViewFromImage(image)) * np.prod(image.GetSpacing())
+    after = np.count_nonzero(labels) * np.prod(volume.geometry.GetSpacing())
+    if before and after < 0.5 * before:
+        raise ImageError(f"{Path(labels_path).name} does not lie on the grid of {Path(volume.source).name}: only "
+                         f"{100 * after / before:.0f}% of its labelled volume falls inside the image")
+    return labels
+
+
+SLICE_AXES = ("k", "j", "i")  # the voxel axis slices run along: k as stored, or across it
+
+
+def reslice(volume: Volume, labels: np.ndarray | None, axis: str) -> tuple[Volume, np.ndarray | None]:
+    """The volume (and its (K, J, I) label map) re-stacked so that slices run along voxel axis `axis`.
+
+    'k' returns them unchanged; 'j' gives slices (K, I) stacked along j, 'i' gives slices (K, J)
+    stacked along i. The new grid keeps the spacing of each axis (identity direction, origin 0): it
+    serves 2D training and scoring in another orientation, not writing files back onto the image.
+    """
+    if axis not in SLICE_AXES:
+        raise ImageError(f"unknown slice axis {axis!r}; choose one of {', '.join(SLICE_AXES)}")
+    if axis == "k" or volume.is_rgb:
+        return volume, labels
+    order = (1, 0, 2) if axis == "j" else (2, 0, 1)  # array axes (K, J, I) -> (slice axis, rows, cols)
+    voxels = np.ascontiguousarray(volume.voxels.transpose(order))
+    spacing_kji = tuple(reversed(volume.geometry.GetSpacing()))
+    geometry = sitk.Image([int(n) for n in reversed(voxels.shape)], sitk.sitkUInt8)
+    geometry.SetSpacing([float(spacing_kji[a]) for a in reversed(order)])
+    resliced = Volume(voxels=voxels, geometry=geometry, modality=volume.modality,
+                      source=f"{volume.source} (slices along {axis})")
+    return resliced, None if labels is None else np.ascontiguousarray(labels.transpose(order))

@@ -14,7 +14,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from msa import build_model
-from msa.data import Case
+from msa.data import Case, Source
 from msa.engine import Engine
 from msa.errors import MSAError
 from msa.trainers import TrainConfig, selection_score, train
@@ -80,8 +80,8 @@ class MSATrain(TrainTask):
         model = build_model(self.provider.backbone, checkpoint=self.provider.checkpoint,
                             adapters=self.provider.adapters_path(), three_d=self.provider.three_d,
                             device=self.provider.device)
-        teacher = build_model(self.provider.backbone, checkpoint=self.provider.checkpoint,
-                              three_d=self.provider.three_d, device=self.provider.device)  # boxes keep its answer
+        # Boxes keep the backbone's answer; its depth branch is zero, so the teacher is the 2D backbone.
+        teacher = build_model(self.provider.backbone, checkpoint=self.provider.checkpoint, device=self.provider.device)
         started = time.time()
         me = psutil.Process()
         run = {"images": len(cases), "start_ts": started, "pid": me.pid, "pid_created": me.create_time()}
@@ -91,7 +91,8 @@ class MSATrain(TrainTask):
 
         progress(0, config.steps, {})
         try:
-            result = train(Engine(model), cases, draft, config, resume=False, on_progress=progress, teacher=teacher)
+            result = train(Engine(model), [Source("datastore", cases)], draft, config, resume=False,
+                           on_progress=progress, teacher=teacher)
         except Exception as error:
             _write_json(self.stats_path, {"status": "FAILED", "error": str(error), **run})
             raise

@@ -19,6 +19,17 @@ class AdaptedEncoder(nn.Module):
     def adapted_blocks(self) -> list[nn.Module]:
         raise NotImplementedError
 
+    def first_adapted_block(self) -> int:
+        """Index of the first block whose adapters add anything (len(blocks) when none does).
+
+        Up to that block the encoder computes exactly what the backbone computes, in 2D and in 3D
+        (a zero depth adapter adds nothing either), so the input of that block is the backbone's.
+        """
+        for index, block in enumerate(self.adapted_blocks()):
+            if any(p.any() for name, p in block.named_parameters() if "_adapter.up." in name):
+                return index
+        return len(self.adapted_blocks())
+
     def forward(self, x: torch.Tensor, depth: int = 1) -> torch.Tensor:
         """x: (B*D, 3, S, S) normalised images -> (B*D, 256, h, w) embeddings."""
         return self.from_block(self._stem(x), 0, depth)
@@ -26,6 +37,10 @@ class AdaptedEncoder(nn.Module):
     def block_input(self, x: torch.Tensor, index: int, depth: int = 1) -> torch.Tensor:
         """The input of adapted block `index` for normalised images x."""
         return self._run(self._stem(x), 0, index, depth)
+
+    def run_blocks(self, h: torch.Tensor, start: int, stop: int, depth: int = 1) -> torch.Tensor:
+        """The input of adapted block `stop` from the input h of adapted block `start`."""
+        return self._run(h, start, stop, depth)
 
     def from_block(self, h: torch.Tensor, index: int, depth: int = 1) -> torch.Tensor:
         """Embeddings from the input h of adapted block `index`: that block, the ones after it, the neck."""

@@ -65,6 +65,7 @@ class MSA(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
         self._backbone_hash: str | None = None
         self._encoder_key: str | None = None
+        self._first_adapted_block: int | None = None
         self.adapters_meta: dict | None = None  # metadata of the adapter file loaded, if any
         self.freeze_backbone()
 
@@ -111,7 +112,13 @@ class MSA(nn.Module):
 
     def weights_changed(self) -> None:
         """Forget the hashes of the weights (call after changing parameters in place, e.g. training)."""
-        self._backbone_hash = self._encoder_key = None
+        self._backbone_hash = self._encoder_key = self._first_adapted_block = None
+
+    def first_adapted_block(self) -> int:
+        """The image encoder's first block with non-zero adapters (see AdaptedEncoder), cached."""
+        if self._first_adapted_block is None:
+            self._first_adapted_block = self.image_encoder.first_adapted_block()
+        return self._first_adapted_block
 
     def load_state_dict(self, *args, **kwargs):  # noqa: D102 - nn.Module's, plus cache upkeep
         result = super().load_state_dict(*args, **kwargs)

@@ -1,0 +1,66 @@
+"""Encoder features kept on disk, so that a slice is encoded once per machine, not once per run.
+
+What is stored is the *trunk*: the input of one adapted encoder block, computed by the frozen
+backbone (every adapter before that block adds nothing). It depends only on the backbone's weights,
+the block index, the image content and its intensity preset, and those four name it:
+
+    ROOT/<backbone sha256[:16]>-block<index>/<volume sha1[:20]>-<preset>/<k>.npy   (float16)
+
+Any adapter file whose earlier blocks are zero (decoder-side adapters, adapters trained in the last
+N blocks, a 3D model whose depth branch starts at that block) computes its embeddings from the same
+trunk in a fraction of an encoder pass. Files are written atomically; a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import MSAError
+
+
+class FeatureStore:
+    """Per-slice trunk tensors on disk under `root` (created if missing; must be writable)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe.")
+            probe.close()
+        except OSError as exc:
+            raise MSAError(f"cache folder {self.root} is not writable: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def space(backbone_hash: str, block: int) -> str:
+        return f"{backbone_hash[:16]}-block{block}"
+
+    @staticmethod
+    def image(volume_key: str, preset: str) -> str:
+        return f"{volume_key[:20]}-{preset}"
+
+    def path(self, space: str, image: str, k: int) -> Path:
+        return self.root / space / image / f"{k}.npy"
+
+    def get(self, space: str, image: str, k: int) -> torch.Tensor | None:
+        path = self.path(space, image, k)
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except (FileNotFoundError, ValueError, OSError):  # absent, or damaged: encode again
+            return None
+
+    def put(self, space: str, image: str, k: int, tensor: torch.Tensor) -> None:
+        path = self.path(space, image, k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{k}.", suffix=".npy", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, tensor.detach().to("cpu", torch.float16).numpy(), allow_pickle=False)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
