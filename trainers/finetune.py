@@ -518,7 +518,8 @@ class Trainer:
         for name, tensor in sorted(self.model.trainable_state_dict().items()):
             digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
         return {"steps": self.step, "best_score": self.best, "history": self.history, "adapters": str(self.out),
-                "rank": self.rank, "trainable_sha256": digest.hexdigest()}
+                "rank": self.rank, "trainable_sha256": digest.hexdigest(),
+                "encoded_slices": self.engine.encoded_slices}  # full encoder passes: 0 when the cache was warm
 
     def _evaluate_and_save(self, mean_loss: float, seconds: float) -> None:
         if self.rank == 0:

@@ -165,7 +165,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   teacher=teacher)
     best = max(stats["history"], key=selection_score) if stats["history"] else {}
     line = json.dumps({"adapters": stats["adapters"], "steps": stats["steps"], "best": best, "rank": stats["rank"],
-                       "trainable_sha256": stats["trainable_sha256"]})
+                       "trainable_sha256": stats["trainable_sha256"], "encoded_slices": stats["encoded_slices"]})
     sys.stdout.write(line + "\n")  # one write: under torchrun, ranks share stdout and must not interleave
     sys.stdout.flush()
     return 0

@@ -1,0 +1,179 @@
+"""Data sources for training and evaluation (synthetic NIfTI files, tiny random models):
+
+- DATA::key=value options: case numbers, labels by name, whole-structure unions, label tables, axes;
+- every structure of every source is drawn alike (a small structure as often as a large one),
+  sources by weight;
+- bad input fails before anything is encoded: no requested structure in a source, a label map on
+  another grid, an unknown option or label name, a cache folder that cannot be written;
+- `msa train` on two sources with --cache-dir; the same command again starts without encoding;
+- `msa eval` in another slice direction and on a union structure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import msa
+import msa.cli
+from msa.data import parse_source
+from msa.engine import Engine
+from msa.errors import MSAError
+from msa.io import load_image, reslice
+from msa.trainers.finetune import SliceData
+
+
+def write_case(folder: Path, number: int, big: int = 1, small: int = 2, depth: int = 5, shape=(40, 48),
+               spacing=(1.5, 1.5, 3.0)) -> tuple[Path, Path]:
+    """case<number>.nii.gz (+ _labels): a large blob labelled `big` and a small one labelled `small`."""
+    rng = np.random.default_rng(number)
+    voxels = rng.normal(-50, 30, (depth, *shape)).astype(np.int16)
+    labels = np.zeros(voxels.shape, np.uint8)
+    labels[:, 4:30, 4:30] = big
+    labels[:, 32:37, 36:42] = small
+    voxels[labels == big] += 200
+    voxels[labels == small] += 120
+    paths = folder / f"case{number:02d}.nii.gz", folder / f"case{number:02d}_labels.nii.gz"
+    for array, path in ((voxels, paths[0]), (labels, paths[1])):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(spacing)
+        sitk.WriteImage(image, str(path))
+    return paths
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    for n in range(4):
+        write_case(data, n)
+    (data / "labels.json").write_text(json.dumps({"1": "liver", "2": "adrenal"}))
+    return data
+
+
+def test_source_options(folder: Path) -> None:
+    source = parse_source(f"{folder}::cases=1-2::labels=adrenal::whole=abdomen::axes=k,j::stride=2::weight=0.5")
+    assert [c.name for c in source.cases] == ["case01", "case02"]
+    assert source.cases[0].names == {1: "liver", 2: "adrenal"}  # the folder's labels.json
+    assert source.structures(source.cases[0], {0, 1, 2}) == {"adrenal": (2,), "abdomen": (1, 2)}
+    assert (source.axes, source.stride, source.weight, source.name) == (("k", "j"), 2, 0.5, "data")
+    assert parse_source(str(folder), labels="liver").labels == "liver"  # the default of labels=
+    brain = parse_source(f"{folder}::names=freesurfer-aseg")
+    assert brain.cases[0].names[17] == "Left-Hippocampus"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("::cases=7", "no case numbered 7"),
+    ("::labels=spleen", "unknown label 'spleen' \\(names known: adrenal, liver\\)"),
+    ("::colour=red", "bad source option 'colour=red'"),
+    ("::axes=x", "axes must be some of k, j, i"),
+    ("::stride=0", "stride must be >= 1"),
+    ("::names=nosuch", "neither a label table shipped with msa"),
+    ("::preset=pet", "unknown preset 'pet'"),
+])
+def test_bad_source_options_are_one_clear_error(folder: Path, spec: str, message: str) -> None:
+    with pytest.raises(MSAError, match=message):
+        parse_source(f"{folder}{spec}")
+
+
+def test_every_structure_is_drawn_alike_and_sources_by_weight(folder: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    write_case(other, 9, big=1, small=3)
+    engine = Engine(msa.build_model("vit_tiny", pretrained=False))
+    data = SliceData.from_sources(engine, [parse_source(str(folder)), parse_source(f"{other}::weight=3")])
+    assert engine.encoded_slices == 0  # reading and sampling encode nothing
+    drawn = data.draw(np.random.default_rng(0), 4000)
+    counts = {}
+    for s in drawn:
+        key = (data.source_names[data.source_of[s.case]], s.label)
+        counts[key] = counts.get(key, 0) + 1
+    # Four structures; "other" weighs 3: 3/8 of draws for each of its structures, 1/8 for each of folder's.
+    assert set(counts) == {("data", "liver"), ("data", "adrenal"), ("other", "1"), ("other", "3")}
+    for key, share in ((("data", "liver"), 1 / 8), (("data", "adrenal"), 1 / 8), (("other", "1"), 3 / 8),
+                       (("other", "3"), 3 / 8)):
+        assert abs(counts[key] / 4000 - share) < 0.03, counts
+
+
+def test_bad_data_fails_before_any_encoding(folder: Path, tmp_path: Path) -> None:
+    engine = Engine(msa.build_model("vit_tiny", pretrained=False))
+    no_match = tmp_path / "no_match"
+    no_match.mkdir()
+    write_case(no_match, 5, big=4, small=5)
+    with pytest.raises(MSAError, match="source 'no_match': none of its cases holds the structures"):
+        SliceData.from_sources(engine, [parse_source(str(folder)), parse_source(f"{no_match}::labels=1,2")])
+    # A label map of another, larger scan: most of its structure lies outside this image.
+    image, _ = write_case(tmp_path, 6, shape=(40, 48))
+    other = np.zeros((5, 90, 120), np.uint8)
+    other[:, 30:80, 20:100] = 1
+    labels = tmp_path / "other_labels.nii.gz"
+    item = sitk.GetImageFromArray(other)
+    item.SetSpacing((1.5, 1.5, 3.0))
+    sitk.WriteImage(item, str(labels))
+    with pytest.raises(MSAError, match="does not lie on the grid"):
+        SliceData.from_sources(engine, [parse_source(f"{image}:{labels}")])
+    assert engine.encoded_slices == 0
+
+
+def test_reslice_gives_the_other_directions_with_their_spacing(folder: Path) -> None:
+    vol = load_image(folder / "case00.nii.gz")  # (K, J, I) = (5, 40, 48), spacing (i, j, k) = (1.5, 1.5, 3)
+    ref = np.arange(5 * 40 * 48).reshape(5, 40, 48)
+    along_j, ref_j = reslice(vol, ref, "j")
+    assert along_j.voxels.shape == (40, 5, 48) and np.array_equal(along_j.voxels[7], vol.voxels[:, 7, :])
+    assert np.array_equal(ref_j[7], ref[:, 7, :])
+    assert along_j.geometry.GetSpacing() == (1.5, 3.0, 1.5)
+    along_i, ref_i = reslice(vol, ref, "i")
+    assert along_i.voxels.shape == (48, 5, 40) and np.array_equal(ref_i[11], ref[:, :, 11])
+
+
+def test_train_two_sources_then_rerun_with_a_warm_cache(folder: Path, tmp_path: Path, capsys) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    write_case(other, 8)
+    cache, out = tmp_path / "cache", tmp_path / "a.pt"
+    args = ["train", f"{folder}::cases=0-2::labels=liver,adrenal", f"{other}::axes=k,i::stride=2",
+            "--val", f"{folder}::cases=3", "--backbone", "lite_medsam_tiny", "--steps", "2", "--batch-size", "2",
+            "--eval-every", "2", "--encoder-blocks", "1", "--cache-dir", str(cache), "--restart", "--out", str(out)]
+    assert msa.cli.main(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["encoded_slices"] > 0
+    per_source = first["best"]["per_source"]["data"]
+    assert set(per_source["structures"]) == {"liver", "adrenal"} and 0 <= per_source["click1"] <= 1
+    assert msa.cli.main(args) == 0  # the same command again: every slice comes from the cache
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["encoded_slices"] == 0
+    assert second["trainable_sha256"] == first["trainable_sha256"]  # and the run is the same
+
+
+def test_train_3d_slabs_from_a_2d_adapter_file(folder: Path, tmp_path: Path, capsys) -> None:
+    """A 2D adapter file starts a 3D model; its depth adapters in the last block learn on slabs."""
+    common = ["--backbone", "lite_medsam_tiny", "--steps", "2", "--batch-size", "4", "--eval-every", "2",
+              "--encoder-blocks", "1", "--cache-dir", str(tmp_path / "cache"), "--val", f"{folder}::cases=3"]
+    assert msa.cli.main(["train", f"{folder}::cases=0-2", "--out", str(tmp_path / "2d.pt"), *common]) == 0
+    assert msa.cli.main(["train", f"{folder}::cases=0-2", "--out", str(tmp_path / "3d.pt"), "--three-d",
+                         "--slab-depth", "4", "--adapters", str(tmp_path / "2d.pt"), *common]) == 0
+    state = msa.checkpoint.read_checkpoint(tmp_path / "3d.pt")
+    assert state["metadata"]["three_d"] is True
+    depth = {k: v for k, v in state["state_dict"].items() if "depth_adapter.up." in k}
+    last = "image_encoder.layers.3.blocks.0."
+    assert any(v.any() for k, v in depth.items() if k.startswith(last))
+    assert not any(v.any() for k, v in depth.items() if not k.startswith(last))
+    model = msa.build_model("lite_medsam_tiny", pretrained=False, three_d=True)
+    with pytest.raises(MSAError, match="three_d=False"):
+        msa.load_adapters(model, tmp_path / "2d.pt")  # outside training, a 2D file never loads into 3D
+
+
+def test_eval_in_another_direction_and_on_a_union(folder: Path, capsys) -> None:
+    torch.manual_seed(0)
+    args = ["eval", f"{folder}::cases=0::axes=j::whole=abdomen::labels=adrenal", "--prompt", "box",
+            "--backbone", "vit_tiny", "--json"]
+    assert msa.cli.main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["per_label"]) == {"adrenal", "abdomen"}
+    # Along j, the adrenal (rows 32-36) is on 5 slices and the abdomen (rows 4-36) on 31, each >= 10 voxels.
+    assert summary["per_label"]["adrenal"]["n"] == 5 and summary["per_label"]["abdomen"]["n"] == 31
