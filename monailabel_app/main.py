@@ -15,6 +15,8 @@ and ROI boxes, and active-learning retraining of the adapters.
 from __future__ import annotations
 
 import atexit
+import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -36,6 +38,21 @@ from msa.errors import MSAError
 
 DEFAULT_LABELS = ("spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
                   "aorta", "inferior_vena_cava")
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per (path, mtime, size): /info/ is asked on every infer."""
+    stat = os.stat(path)
+    return _sha256(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 class MSAApp(MONAILabelApp):
@@ -79,6 +96,16 @@ class MSAApp(MONAILabelApp):
     def on_init_complete(self) -> None:
         super().on_init_complete()
         move_inference_off_event_loop()
+
+    def info(self) -> dict:
+        """MONAI Label's /info/, plus `msa`: which backbone and adapters answer (the Slicer
+        extension's "Test connection" shows them before any image is sent)."""
+        meta = super().info()
+        adapters = self.provider.adapters_path()
+        meta["msa"] = {"backbone": self.provider.backbone, "three_d": self.provider.three_d,
+                       "adapters": adapters.name if adapters else None,
+                       "adapters_sha256": _file_sha256(adapters) if adapters else None}
+        return meta
 
     def infer(self, request: dict, datastore=None) -> dict:
         """MONAI Label's infer, with user mistakes answered as 4xx instead of 500."""

@@ -34,7 +34,7 @@ def randomize_trainable_(model: msa.MSA, std: float = 0.05) -> None:
     """Give every trainable tensor (adapters, decoder block 2, mask head) new random values."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if msa.is_trainable(name):
+            if model.is_trainable(name):
                 p.add_(torch.randn_like(p) * std)
 
 
@@ -259,7 +259,7 @@ def test_adapter_file_round_trips(trained_tiny, tmp_path):
 
     payload = torch.load(path, weights_only=True)
     assert set(payload["state_dict"]) == set(model.trainable_state_dict())
-    assert all(msa.is_trainable(k) for k in payload["state_dict"])
+    assert all(model.is_trainable(k) for k in payload["state_dict"])
     trainable_bytes = sum(v.numel() * v.element_size() for v in model.trainable_state_dict().values())
     total_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     assert trainable_bytes < total_bytes

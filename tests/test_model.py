@@ -427,22 +427,26 @@ def test_adapters_are_present_and_start_at_zero(name, blocks, three_d):
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_freezing_follows_is_trainable(name, three_d):
-    """Only adapters, decoder block 2 and the mask head learn: requires_grad == is_trainable for
-    every parameter; the backbone encoder and the prompt encoder are frozen except adapters."""
+    """Only adapters and the backbone's trained decoder parts learn (SAM ViTs: decoder block 2 and the
+    mask head, as in the paper; LiteMedSAM: the single-mask head, to stay within the 5% budget):
+    requires_grad == is_trainable for every parameter; the backbone encoder and the prompt encoder are
+    frozen except adapters."""
     model = adapted(name, msa.build_backbone(name), three_d=three_d)
     names = dict(model.named_parameters())
     for n, p in names.items():
-        assert p.requires_grad == msa.is_trainable(n), n
+        assert p.requires_grad == model.is_trainable(n), n
     encoder_trainable = [n for n, p in names.items() if n.startswith("image_encoder.") and p.requires_grad]
     assert encoder_trainable and all("_adapter." in n for n in encoder_trainable)
     assert any("depth_adapter." in n for n in encoder_trainable) == three_d
     assert not any(p.requires_grad for n, p in names.items() if n.startswith("prompt_encoder."))
-    block2 = [p for n, p in names.items() if n.startswith("mask_decoder.transformer.layers.1.")]
-    assert block2 and all(p.requires_grad for p in block2)
+    block2 = {n: p.requires_grad for n, p in names.items() if n.startswith("mask_decoder.transformer.layers.1.")}
+    assert block2 and all(block2.values()) == (name == "vit_tiny")
+    assert not any(block2.values()) == (name == "lite_medsam_tiny")
     block1 = {n: p.requires_grad for n, p in names.items() if n.startswith("mask_decoder.transformer.layers.0.")}
     assert {n for n, g in block1.items() if g} == {n for n in block1 if "_adapter." in n}
-    for n in ("mask_decoder.iou_token.weight", "mask_decoder.mask_tokens.weight"):
-        assert names[n].requires_grad
+    assert names["mask_decoder.mask_tokens.weight"].requires_grad
+    assert names["mask_decoder.output_hypernetworks_mlps.0.layers.0.weight"].requires_grad
+    assert names["mask_decoder.output_hypernetworks_mlps.1.layers.0.weight"].requires_grad == (name == "vit_tiny")
     counts = msa.count_parameters(model)
     assert counts["trainable"] == sum(p.numel() for p in names.values() if p.requires_grad)
     assert counts["total"] == sum(p.numel() for p in names.values())
@@ -460,7 +464,7 @@ def test_frozen_parameters_get_no_gradient(three_d):
     logits, iou = model(images, points=points, boxes=boxes, depth=depth)
     (logits.mean() + iou.mean()).backward()
     for n, p in names.items():
-        if not msa.is_trainable(n):
+        if not model.is_trainable(n):
             assert p.grad is None, n
     for n in names:
         if n.endswith(("space_adapter.up.weight", "depth_adapter.up.weight", "prompt_adapter.up.weight")):
@@ -469,7 +473,7 @@ def test_frozen_parameters_get_no_gradient(three_d):
 
 
 def test_is_trainable_names():
-    """The trainable set by name, as documented."""
+    """The trainable set by name, as documented: the paper's (default) and the single-mask head's."""
     assert msa.is_trainable("image_encoder.blocks.0.space_adapter.up.weight")
     assert msa.is_trainable("image_encoder.layers.1.blocks.0.depth_adapter.down.bias")
     assert msa.is_trainable("mask_decoder.transformer.layers.0.prompt_adapter.prompt_down.weight")
@@ -478,6 +482,18 @@ def test_is_trainable_names():
     assert not msa.is_trainable("mask_decoder.transformer.layers.0.self_attn.q_proj.weight")
     assert not msa.is_trainable("image_encoder.blocks.0.attn.rel_pos_h")
     assert not msa.is_trainable("prompt_encoder.point_embeddings.0.weight")
+    assert msa.is_trainable("mask_decoder.output_hypernetworks_mlps.0.layers.2.bias", "head")
+    assert not msa.is_trainable("mask_decoder.output_hypernetworks_mlps.1.layers.2.bias", "head")
+    assert not msa.is_trainable("mask_decoder.transformer.layers.1.self_attn.q_proj.weight", "head")
+    assert not msa.is_trainable("mask_decoder.iou_prediction_head.layers.0.weight", "head")
+    assert msa.is_trainable("mask_decoder.transformer.layers.0.prompt_adapter.prompt_down.weight", "head")
+
+
+def test_lite_medsam_trains_under_five_percent():
+    """The issue's budget: trainable parameters < 5% of the model, 2D and 3D."""
+    for three_d in (False, True):
+        counts = msa.count_parameters(msa.build_model("lite_medsam", three_d=three_d, pretrained=False))
+        assert counts["trainable_fraction"] < 0.05, counts
 
 
 # --- 6. AdapterConfig --------------------------------------------------------------------------

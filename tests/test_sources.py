@@ -61,6 +61,7 @@ def test_source_options(folder: Path) -> None:
     assert [c.name for c in source.cases] == ["case01", "case02"]
     assert source.cases[0].names == {1: "liver", 2: "adrenal"}  # the folder's labels.json
     assert source.structures(source.cases[0], {0, 1, 2}) == {"adrenal": (2,), "abdomen": (1, 2)}
+    assert parse_source(f"{folder}::labels=none::whole=all").structures(source.cases[0], {0, 1, 2}) == {"all": (1, 2)}
     assert (source.axes, source.stride, source.weight, source.name) == (("k", "j"), 2, 0.5, "data")
     assert parse_source(str(folder), labels="liver").labels == "liver"  # the default of labels=
     brain = parse_source(f"{folder}::names=freesurfer-aseg")

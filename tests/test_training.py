@@ -77,7 +77,7 @@ def test_training_changes_only_the_trainable_parts(tmp_path: Path) -> None:
     after = engine.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "training changed nothing"
-    assert all(msa.is_trainable(k) for k in changed), sorted(k for k in changed if not msa.is_trainable(k))
+    assert all(engine.model.is_trainable(k) for k in changed), sorted(k for k in changed if not engine.model.is_trainable(k))
     # The encoder gets no gradient without --train-encoder: its adapters stay exactly zero.
     assert not any(k.startswith("image_encoder.") for k in changed)
     assert any(".transformer.layers.1." in k for k in changed)
@@ -95,7 +95,7 @@ def test_encoder_adapters_train_with_train_encoder_in_3d(tmp_path: Path) -> None
     after = engine.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any("image_encoder" in k and "depth_adapter" in k for k in changed)
-    assert all(msa.is_trainable(k) for k in changed)
+    assert all(engine.model.is_trainable(k) for k in changed)
 
 
 def test_interrupted_training_resumes_to_the_same_result(tmp_path: Path) -> None:

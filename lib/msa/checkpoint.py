@@ -17,7 +17,7 @@ import torch
 
 from .errors import CheckpointError
 from .modeling.adapter import AdapterConfig
-from .modeling.msa import MSA, is_trainable
+from .modeling.msa import MSA
 
 ADAPTER_FORMAT = "msa-adapters"
 ADAPTER_FORMAT_VERSION = 1
@@ -149,6 +149,7 @@ def adapter_metadata(model: MSA) -> dict:
         "backbone": model.config.backbone,
         "backbone_sha256": model.backbone_hash(),
         "three_d": model.config.three_d,
+        "decoder": model.config.decoder,
         "adapter": model.config.to_dict()["adapter"],
     }
 
@@ -186,6 +187,9 @@ def load_adapters(model: MSA, path: str | Path, allow_2d: bool = False) -> dict:
     if meta["backbone"] != model.config.backbone:
         raise CheckpointError(
             f"{path} holds adapters for backbone {meta['backbone']!r}, not {model.config.backbone!r}")
+    if meta.get("decoder", "block2") != model.config.decoder:  # files before the field trained block 2
+        raise CheckpointError(f"{path} trained the decoder's {meta.get('decoder', 'block2')!r} parts; this "
+                              f"{model.config.backbone} model trains its {model.config.decoder!r} parts")
     if meta["backbone_sha256"] != model.backbone_hash():
         raise CheckpointError(
             f"{path} was trained on other {meta['backbone']} weights (backbone sha256 "
@@ -197,7 +201,7 @@ def load_adapters(model: MSA, path: str | Path, allow_2d: bool = False) -> dict:
             f"{model.config.to_dict()['adapter']} three_d={model.config.three_d}")
     state = payload["state_dict"]
     expected = {k for k in model.trainable_state_dict() if not (from_2d and "depth_adapter." in k)}
-    if set(state) != expected or not all(is_trainable(k) for k in state):
+    if set(state) != expected or not all(model.is_trainable(k) for k in state):
         raise CheckpointError(f"{path}: its tensors do not match the model's trainable parts")
     model.load_state_dict(state, strict=False)
     model.adapters_meta = {**meta, "sha256": _file_sha256(path)}

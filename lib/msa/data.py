@@ -15,7 +15,7 @@ A *source* (training and evaluation take several) is DATA followed by options, e
     brain.nii.gz:aseg.nii.gz::names=freesurfer-aseg::whole=brain::axes=k,j::stride=2::weight=0.5
 
 split=KEY (datalist list), cases=0-17,20 (numbers in the image file names), labels=a,b (names or ids;
-default all), whole=NAME (one more structure: every labelled voxel), names=TABLE|FILE.json (label
+default all; none: only the whole structure), whole=NAME (one more structure: every labelled voxel), names=TABLE|FILE.json (label
 names: a table shipped with msa, or a JSON file), preset=ct|mr|rgb (intensity preset; default
 detected), axes=k,j,i (slice directions; default k, as stored), stride=N (every N-th slice),
 weight=W (share of training samples, relative to the other sources), name=NAME (in reports).
@@ -170,9 +170,12 @@ class Source:
     def structures(self, case: Case, present: set[int]) -> Structures:
         """The structures to segment in one case, from the labels present in its label map."""
         present = {v for v in present if v != 0}
-        chosen = resolve_labels(self.labels, case.names)
-        out = {name: (label,) for label, name in chosen.items() if label in present} if chosen else \
-            {case.names.get(label, str(label)): (label,) for label in sorted(present)}
+        if self.labels == "none":  # only the whole structure
+            out = {}
+        elif self.labels:
+            out = {name: (label,) for label, name in resolve_labels(self.labels, case.names).items() if label in present}
+        else:
+            out = {case.names.get(label, str(label)): (label,) for label in sorted(present)}
         if self.whole and present:
             out[self.whole] = tuple(sorted(present))
         return out
@@ -224,7 +227,7 @@ def parse_source(spec: str, split: str | None = None, labels: str | None = None)
 
 def resolve_labels(requested: str | None, names: dict[int, str]) -> dict[int, str]:
     """`spleen,5` -> {1: 'spleen', 5: 'liver'} (names from `names`, ids as given); {} for None."""
-    if not requested:
+    if not requested or requested == "none":
         return {}
     by_name = {v: k for k, v in names.items()}
     out = {}

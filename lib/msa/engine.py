@@ -120,13 +120,12 @@ class Engine:
         """(len(ks), C, h, w) image embeddings of slices ks, encoding only those not cached."""
         model_key = self.model.encoder_key()
         with self.cache.lock:  # one encoder run at a time; concurrent requests wait for the cache
-            found = {k: self.cache.get((model_key, volume.key, k)) for k in ks} if self.use_cache else {}
+            found = {k: self.cache.get((model_key, volume.key, volume.modality, k)) for k in ks} if self.use_cache else {}
             missing = [k for k in ks if found.get(k) is None]
             units = self._units(volume, missing)
             if self.store is not None:  # the trunks of every missing slice first, in batches
                 self.ensure_trunks(volume, sorted({k for unit in units for k in unit}))
-            for unit in tqdm(units, desc="encoding", unit="pass",
-                             disable=not self.progress or len(units) < 2 or self.store is not None):
+            for unit in tqdm(units, desc="encoding", unit="pass", disable=not self.progress or len(units) < 2):
                 depth = len(unit) if self.slab_depth > 1 else 1
                 if self.store is not None:
                     trunk = self.trunks(volume, unit).to(self.model.device, torch.float32)
@@ -138,7 +137,7 @@ class Engine:
                 for k, emb in zip(unit, out):
                     found[k] = emb
                     if self.use_cache:
-                        self.cache.put((model_key, volume.key, k), emb)
+                        self.cache.put((model_key, volume.key, volume.modality, k), emb)
             return torch.stack([found[k] for k in ks])
 
     @torch.no_grad()

@@ -38,6 +38,7 @@ class BackboneSpec:
     pixel_mean: tuple = SAM_PIXEL_MEAN
     pixel_std: tuple = SAM_PIXEL_STD
     bundled_weights: bool = False  # True: weights ship inside an installed package
+    decoder: str = "block2"  # what of the mask decoder trains besides its adapters (msa.modeling.msa.DECODER_TRAINED)
 
 
 def _vit(dim: int, depth: int, heads: int, global_idx: tuple, img_size: int = 1024, window: int = 14) -> dict:
@@ -53,7 +54,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         "tinyvit", 256,
         dict(embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10],
              window_sizes=[7, 7, 14, 7]),
-        pixel_mean=UNIT_PIXEL_MEAN, pixel_std=UNIT_PIXEL_STD, bundled_weights=True,
+        pixel_mean=UNIT_PIXEL_MEAN, pixel_std=UNIT_PIXEL_STD, bundled_weights=True, decoder="head",
     ),
     # Test configurations: blocks 0 and 2 windowed, 1 and 3 global.
     "vit_tiny": BackboneSpec("vit", 64, _vit(32, 4, 2, (1, 3), img_size=64, window=2),
@@ -64,7 +65,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         "tinyvit", 256,
         dict(embed_dims=[8, 16, 32, 320], depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 5],
              window_sizes=[7, 7, 7, 7]),
-        decoder_mlp_dim=64, decoder_heads=2, pixel_mean=UNIT_PIXEL_MEAN, pixel_std=UNIT_PIXEL_STD,
+        decoder_mlp_dim=64, decoder_heads=2, pixel_mean=UNIT_PIXEL_MEAN, pixel_std=UNIT_PIXEL_STD, decoder="head",
     ),
 }
 
@@ -111,7 +112,7 @@ def adapt(
     spec = _spec(name)
     adapter = adapter or AdapterConfig()
     wrap = MSAViTEncoder if spec.family == "vit" else MSATinyViTEncoder
-    config = MSAConfig(backbone=name, adapter=adapter, three_d=three_d,
+    config = MSAConfig(backbone=name, adapter=adapter, three_d=three_d, decoder=spec.decoder,
                        pixel_mean=spec.pixel_mean, pixel_std=spec.pixel_std)
     return MSA(wrap(encoder, adapter, three_d), prompt_encoder, MSAMaskDecoder(decoder, adapter), config)
 

@@ -11,33 +11,45 @@ from torch import nn
 
 from .adapter import AdapterConfig
 
-# Parameter-name prefixes that learn; everything else (the backbone) stays frozen.
-# Adapters learn wherever they are; in the decoder, the second two-way block, the final
-# token-to-image attention and the whole mask head (tokens, upscaling, hypernetworks, IoU head).
-TRAINABLE_PREFIXES = (
-    "mask_decoder.transformer.layers.1.",
-    "mask_decoder.transformer.final_attn_token_to_image.",
-    "mask_decoder.transformer.norm_final_attn.",
-    "mask_decoder.iou_token.",
-    "mask_decoder.mask_tokens.",
-    "mask_decoder.output_upscaling.",
-    "mask_decoder.output_hypernetworks_mlps.",
-    "mask_decoder.iou_prediction_head.",
-)
+# Adapters learn wherever they are; beyond them, what of the mask decoder learns (MSAConfig.decoder).
+# Everything else (the backbone) stays frozen.
+DECODER_TRAINED = {
+    # The paper: the second two-way block, the final token-to-image attention and the whole mask head.
+    "block2": (
+        "mask_decoder.transformer.layers.1.",
+        "mask_decoder.transformer.final_attn_token_to_image.",
+        "mask_decoder.transformer.norm_final_attn.",
+        "mask_decoder.iou_token.",
+        "mask_decoder.mask_tokens.",
+        "mask_decoder.output_upscaling.",
+        "mask_decoder.output_hypernetworks_mlps.",
+        "mask_decoder.iou_prediction_head.",
+    ),
+    # The head of the single-mask output only (upscaling, mask tokens, the first token's hypernetwork):
+    # keeps a small backbone within MSA's 5% budget (LiteMedSAM has 9.9M parameters; its decoder's
+    # second block alone is 1.6M).
+    "head": (
+        "mask_decoder.mask_tokens.",
+        "mask_decoder.output_upscaling.",
+        "mask_decoder.output_hypernetworks_mlps.0.",
+    ),
+}
 
 
-def is_trainable(name: str) -> bool:
-    """True for parameters that MSA trains: adapters, decoder block 2 and the mask head."""
-    return "_adapter." in name or name.startswith(TRAINABLE_PREFIXES)
+def is_trainable(name: str, decoder: str = "block2") -> bool:
+    """True for parameters that MSA trains: adapters, and the decoder parts that `decoder` names."""
+    return "_adapter." in name or name.startswith(DECODER_TRAINED[decoder])
 
 
 @dataclass(frozen=True)
 class MSAConfig:
-    """What a model is: backbone name, adapter shape, 2D or 3D, and input normalisation."""
+    """What a model is: backbone name, adapter shape, 2D or 3D, what of the decoder trains (a key of
+    DECODER_TRAINED), and input normalisation."""
 
     backbone: str
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     three_d: bool = False
+    decoder: str = "block2"
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
@@ -77,20 +89,23 @@ class MSA(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def is_trainable(self, name: str) -> bool:
+        return is_trainable(name, self.config.decoder)
+
     def freeze_backbone(self) -> None:
         for name, param in self.named_parameters():
-            param.requires_grad_(is_trainable(name))
+            param.requires_grad_(self.is_trainable(name))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors an adapter file holds (adapters, decoder block 2, mask head)."""
-        return {k: v for k, v in self.state_dict().items() if is_trainable(k)}
+        """The tensors an adapter file holds (adapters and the trained decoder parts)."""
+        return {k: v for k, v in self.state_dict().items() if self.is_trainable(k)}
 
     def backbone_hash(self) -> str:
         """SHA-256 of the frozen backbone's tensors: names an adapter file's backbone exactly."""
         if self._backbone_hash is None:
             digest = hashlib.sha256()
             for name, tensor in sorted(self.state_dict().items()):
-                if not is_trainable(name):
+                if not self.is_trainable(name):
                     digest.update(name.encode())
                     digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
             self._backbone_hash = digest.hexdigest()

@@ -1,0 +1,26 @@
+"""Everything the MSA Slicer extension does that needs no Qt: the HTTP client, world RAS -> IJK
+geometry, upload-once of volumes, writing results through the Segment Editor's editing path,
+requests on a worker thread. Imports with `slicer-core` alone (real MRML nodes, no GUI), so the
+tests drive it headless; the module (MSAExtension.py) and the effect only add widgets and events.
+"""
+
+from .client import DEFAULT_URL, InferAnswer, MSAClient
+from .errors import MSAClientError
+from .geometry import box_ijk, control_points_world, point_ijk, roi_corners_world, roi_ijk, world_to_ijk
+from .images import ServerImages, content_hash, fetch_sample, mark_server_image, volume_array
+from .labels import label_map, prepare_label, segment_on_volume_grid, send_label, submit_label
+from .segmenter import InferRequest, InferResult, Prompts, Segmenter, apply_result, make_request, run_request
+from .prompts import PromptNodes, prompt_nodes, prompts_from_nodes, reset_prompts, set_box
+from .status import SHORTCUTS, connection_summary, shortcuts_html, train_progress
+from .worker import LatestRequestWorker, Outcome
+from .writer import EditorLogicTarget, EditorTarget, WriteReport, make_editor_logic, write_mask
+
+__all__ = [
+    "DEFAULT_URL", "SHORTCUTS", "PromptNodes", "fetch_sample", "prepare_label", "prompt_nodes", "prompts_from_nodes",
+    "reset_prompts", "send_label", "set_box", "shortcuts_html", "EditorLogicTarget", "EditorTarget", "InferAnswer", "InferRequest", "InferResult",
+    "LatestRequestWorker", "MSAClient", "MSAClientError", "Outcome", "Prompts", "Segmenter", "ServerImages",
+    "WriteReport", "apply_result", "box_ijk", "connection_summary", "content_hash", "control_points_world",
+    "label_map", "make_editor_logic", "make_request", "mark_server_image", "point_ijk", "roi_corners_world",
+    "roi_ijk", "run_request", "segment_on_volume_grid", "submit_label", "train_progress", "volume_array",
+    "world_to_ijk", "write_mask",
+]

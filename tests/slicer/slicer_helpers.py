@@ -1,0 +1,144 @@
+"""A headless Slicer for the extension's tests: a real MRML scene from `slicer-core`, the module
+logics a GUI-less Slicer lacks, and small builders (DICOM volume, segmentation, editor, markups).
+
+Stand-ins (as DESIGN.md asks): `slicer.mrmlScene` and `slicer.modules.{volumes,segmentations}.logic()`
+exist only inside the Slicer application; slicer.util's array helpers call them, so every new scene
+installs itself there. The segmentation converter rules are registered once, before any segment.
+"""
+
+from __future__ import annotations
+
+import glob
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import slicer
+import vtk
+
+DICOM = "ct_abdomen_dicom"
+DICOM_LABELS = "ct_abdomen_dicom_labels.nii.gz"
+LIVER = 5
+ROI_SLICES = (6, 13)  # the liver ROI's k range: 8 of the series' 20 slices (all hold liver)
+ROI_MARGIN = 5  # voxels around the liver's in-plane extent on those slices
+
+_RULES_REGISTERED = False
+
+
+def register_converter_rules() -> None:
+    """The application registers these at start-up; without them segments have no labelmap <-> surface."""
+    global _RULES_REGISTERED
+    if _RULES_REGISTERED:
+        return
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule(),
+                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule()):
+        factory.RegisterConverterRule(rule)
+    _RULES_REGISTERED = True
+
+
+@dataclass
+class Mrml:
+    scene: object
+    volumes: object  # vtkSlicerVolumesLogic
+    segmentations: object  # vtkSlicerSegmentationsModuleLogic
+    application: object
+
+    def load_volume(self, path: str | Path, name: str, files: list[str] | None = None, label: bool = False):
+        """A file, or a DICOM series given as its file list, read by Slicer's own volume reader."""
+        names = vtk.vtkStringArray()
+        for f in files or []:
+            names.InsertNextValue(f)
+        node = self.volumes.AddArchetypeVolume(str(path), name, 1 if label else 0, names)
+        assert node is not None, f"Slicer could not read {path}"
+        return node
+
+    def load_dicom(self, folder: str | Path, name: str = "ct"):
+        files = sorted(glob.glob(str(Path(folder) / "*")))
+        return self.load_volume(files[0], name, files)
+
+    def add_segmentation(self, volume, names: list[str], name: str = "segmentation"):
+        """A segmentation whose reference geometry is `volume`, with empty segments; -> (node, ids)."""
+        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        ids = [node.GetSegmentation().AddEmptySegment(n, n) for n in names]
+        return node, ids
+
+    def add_points(self, name: str, points_world: list, parent=None):
+        node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        if parent is not None:
+            node.SetAndObserveTransformNodeID(parent.GetID())
+        for p in points_world:
+            node.AddControlPoint(vtk.vtkVector3d(*p))
+        return node
+
+    def add_transform(self, matrix: np.ndarray, name: str = "transform"):
+        node = self.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+        m = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                m.SetElement(r, c, float(matrix[r][c]))
+        node.SetMatrixTransformToParent(m)
+        return node
+
+
+_BY_SCENE: dict[int, Mrml] = {}  # id(scene) -> its Mrml, to re-install its stand-ins
+
+
+def activate(mrml: Mrml) -> Mrml:
+    """Makes `mrml` the scene slicer.util's helpers use (slicer.mrmlScene, slicer.modules.*)."""
+    slicer.mrmlScene = mrml.scene
+    slicer.modules = types.SimpleNamespace(
+        volumes=types.SimpleNamespace(logic=lambda: mrml.volumes),
+        segmentations=types.SimpleNamespace(logic=lambda: mrml.segmentations))
+    return mrml
+
+
+def new_mrml() -> Mrml:
+    """A fresh scene with the Volumes, Colors and Segmentations logics, installed as slicer.mrmlScene."""
+    register_converter_rules()
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    logics = {}
+    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+                      ("Volumes", slicer.vtkSlicerVolumesLogic)):
+        logic = cls()
+        logic.SetMRMLApplicationLogic(app)
+        logic.SetMRMLScene(scene)
+        app.SetModuleLogic(name, logic)
+        logics[name] = logic
+    mrml = Mrml(scene, logics["Volumes"], logics["Segmentations"], app)
+    _BY_SCENE[id(scene)] = mrml
+    return activate(mrml)
+
+
+def segment_array(segmentation_node, segment_id: str, volume) -> np.ndarray:
+    """The segment on the volume's grid as (K, J, I) bool, read with slicer.util (not the extension)."""
+    activate(_BY_SCENE[id(segmentation_node.GetScene())])
+    return slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume).astype(bool)
+
+
+def set_segment(segmentation_node, segment_id: str, volume, mask: np.ndarray) -> None:
+    """Writes a (K, J, I) mask into a segment with slicer.util (test set-up, not the extension)."""
+    activate(_BY_SCENE[id(segmentation_node.GetScene())])
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), segmentation_node, segment_id, volume)
+
+
+def rotation(axis: str, degrees: float) -> np.ndarray:
+    """4x4 rotation about x, y or z."""
+    a = np.radians(degrees)
+    c, s = np.cos(a), np.sin(a)
+    r = {"x": [[1, 0, 0], [0, c, -s], [0, s, c]], "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
+         "z": [[c, -s, 0], [s, c, 0], [0, 0, 1]]}[axis]
+    m = np.eye(4)
+    m[:3, :3] = r
+    return m
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
