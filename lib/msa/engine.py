@@ -146,7 +146,7 @@ class Engine:
         adapted block) for slices ks, from the store; missing ones are computed and stored."""
         block = self._trunk_block(block)
         self.ensure_trunks(volume, ks, block)
-        space = FeatureStore.space(self.model.backbone_hash(), block)
+        space = FeatureStore.space(self.model.encoder_backbone_hash(), block)
         image = FeatureStore.image(volume.key, volume.modality)
         found = [self.store.get(space, image, k) for k in ks]
         if any(t is None for t in found):  # removed under our feet: compute them again
@@ -162,7 +162,7 @@ class Engine:
         between, which have zero adapters here) before the whole stem and early blocks run again.
         """
         block = self._trunk_block(block)
-        backbone, image = self.model.backbone_hash(), FeatureStore.image(volume.key, volume.modality)
+        backbone, image = self.model.encoder_backbone_hash(), FeatureStore.image(volume.key, volume.modality)
         space = FeatureStore.space(backbone, block)
         missing = [k for k in ks if force or not self.store.path(space, image, k).is_file()]
         plans: dict[int, list[int]] = {}  # block to start from (-1: the images) -> slices

@@ -1,10 +1,11 @@
 """Encoder features kept on disk, so that a slice is encoded once per machine, not once per run.
 
 What is stored is the *trunk*: the input of one adapted encoder block, computed by the frozen
-backbone (every adapter before that block adds nothing). It depends only on the backbone's weights,
-the block index, the image content and its intensity preset, and those four name it:
+backbone (every adapter before that block adds nothing). It depends only on the weights of the
+backbone's image encoder, the block index, the image content and its intensity preset, and those four
+name it:
 
-    ROOT/<backbone sha256[:16]>-block<index>/<volume sha1[:20]>-<preset>/<k>.npy   (float16)
+    ROOT/<encoder sha256[:16]>-block<index>/<volume sha1[:20]>-<preset>/<k>.npy   (float16)
 
 Any adapter file whose earlier blocks are zero (decoder-side adapters, adapters trained in the last
 N blocks, a 3D model whose depth branch starts at that block) computes its embeddings from the same
@@ -36,8 +37,8 @@ class FeatureStore:
             raise MSAError(f"cache folder {self.root} is not writable: {exc.strerror or exc}") from None
 
     @staticmethod
-    def space(backbone_hash: str, block: int) -> str:
-        return f"{backbone_hash[:16]}-block{block}"
+    def space(encoder_hash: str, block: int) -> str:
+        return f"{encoder_hash[:16]}-block{block}"
 
     @staticmethod
     def image(volume_key: str, preset: str) -> str:

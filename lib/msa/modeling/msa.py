@@ -78,6 +78,7 @@ class MSA(nn.Module):
         self._backbone_hash: str | None = None
         self._encoder_key: str | None = None
         self._first_adapted_block: int | None = None
+        self._encoder_backbone_hash: str | None = None
         self.adapters_meta: dict | None = None  # metadata of the adapter file loaded, if any
         self.freeze_backbone()
 
@@ -111,6 +112,20 @@ class MSA(nn.Module):
             self._backbone_hash = digest.hexdigest()
         return self._backbone_hash
 
+    def encoder_backbone_hash(self) -> str:
+        """SHA-256 of what the image encoder computes before any adapter: its frozen tensors and the pixel
+        normalisation. Stores of encoder features key on it (the decoder does not change them)."""
+        if self._encoder_backbone_hash is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.state_dict().items()):
+                if name.startswith("image_encoder.") and "_adapter." not in name:
+                    digest.update(name.encode())
+                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            for value in (*self.config.pixel_mean, *self.config.pixel_std):
+                digest.update(repr(float(value)).encode())
+            self._encoder_backbone_hash = digest.hexdigest()
+        return self._encoder_backbone_hash
+
     def encoder_key(self) -> str:
         """Names what the image encoder computes: its backbone and its adapter weights.
 
@@ -127,7 +142,7 @@ class MSA(nn.Module):
 
     def weights_changed(self) -> None:
         """Forget the hashes of the weights (call after changing parameters in place, e.g. training)."""
-        self._backbone_hash = self._encoder_key = self._first_adapted_block = None
+        self._backbone_hash = self._encoder_key = self._first_adapted_block = self._encoder_backbone_hash = None
 
     def first_adapted_block(self) -> int:
         """The image encoder's first block with non-zero adapters (see AdaptedEncoder), cached."""
