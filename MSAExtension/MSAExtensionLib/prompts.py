@@ -113,9 +113,21 @@ def set_box(box_node, center_world, axes_world: np.ndarray, size: tuple[float, f
     box_node.SetDisplayVisibility(True)
 
 
+RESETTING_ATTRIBUTE = "MSA.Resetting"
+
+
+def resetting(nodes: PromptNodes) -> bool:
+    """True while reset_prompts runs: observers must not send the half-removed prompts."""
+    return nodes.positive.GetAttribute(RESETTING_ATTRIBUTE) == "1"
+
+
 def reset_prompts(nodes: PromptNodes) -> None:
     """Removes every point and the box (the segment itself is kept)."""
-    nodes.positive.RemoveAllControlPoints()
-    nodes.negative.RemoveAllControlPoints()
-    nodes.box.RemoveAllControlPoints()
-    nodes.box.SetDisplayVisibility(False)
+    nodes.positive.SetAttribute(RESETTING_ATTRIBUTE, "1")
+    try:
+        nodes.positive.RemoveAllControlPoints()
+        nodes.negative.RemoveAllControlPoints()
+        nodes.box.RemoveAllControlPoints()
+        nodes.box.SetDisplayVisibility(False)
+    finally:
+        nodes.positive.RemoveAttribute(RESETTING_ATTRIBUTE)

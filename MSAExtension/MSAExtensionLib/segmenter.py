@@ -66,12 +66,13 @@ class InferResult:
 
 
 def make_request(images: ServerImages, volume_node, prompts: Prompts, dimension: int = 3,
-                 slice_k: int | None = None) -> InferRequest:
+                 slice_k: int | None = None, model: str | None = None) -> InferRequest:
     """World prompts -> a request on the volume's voxel grid (GUI thread: reads MRML nodes).
 
     dimension 3: `msa`, the mask propagates through the volume and replaces the segment there;
     dimension 2: `msa_2d` on slice `slice_k` (default: the first positive point's slice, else the
     box's middle slice); only prompts on that slice are sent, only that slice is written.
+    model: another infer model of the server than the dimension's default (msa / msa_2d).
     """
     if volume_node is None:
         raise MSAClientError("select a source volume first")
@@ -101,7 +102,7 @@ def make_request(images: ServerImages, volume_node, prompts: Prompts, dimension:
     params["background"] = background
     if roi is not None:
         params["roi"] = roi
-    return InferRequest(MODELS[dimension], params, covered, images.prepare(volume_node), (k, j, i))
+    return InferRequest(model or MODELS[dimension], params, covered, images.prepare(volume_node), (k, j, i))
 
 
 def run_request(client: MSAClient, images: ServerImages, request: InferRequest) -> InferResult:
@@ -113,9 +114,12 @@ def run_request(client: MSAClient, images: ServerImages, request: InferRequest) 
     except ValueError as exc:
         raise MSAClientError(f"the {request.model} answer is not a label file this client can read ({exc}); "
                              f"is the server an MSA server of this version?") from None
-    if mask.shape != request.shape_kji or not np.allclose(matrix, request.image.matrix, atol=1e-3):
-        raise MSAClientError(f"the {request.model} answer lies on another voxel grid ({mask.shape[::-1]}) than the "
-                             f"uploaded volume ({request.shape_kji[::-1]}); nothing was written")
+    if mask.shape != request.shape_kji:
+        raise MSAClientError(f"the {request.model} answer has {mask.shape[::-1]} voxels, the uploaded volume "
+                             f"{request.shape_kji[::-1]}; nothing was written")
+    if not np.allclose(matrix, request.image.matrix, atol=1e-3):
+        raise MSAClientError(f"the {request.model} answer lies elsewhere in space than the uploaded volume "
+                             f"(its IJK->RAS differs); nothing was written")
     return InferResult((mask > 0).astype(np.uint8), answer.params, answer.seconds, image_id)
 
 
@@ -131,15 +135,16 @@ class Segmenter:
         self.client = client
         self.images = ServerImages(client)
 
-    def request(self, volume_node, prompts: Prompts, dimension: int = 3, slice_k: int | None = None) -> InferRequest:
-        return make_request(self.images, volume_node, prompts, dimension, slice_k)
+    def request(self, volume_node, prompts: Prompts, dimension: int = 3, slice_k: int | None = None,
+                model: str | None = None) -> InferRequest:
+        return make_request(self.images, volume_node, prompts, dimension, slice_k, model)
 
     def run(self, request: InferRequest) -> InferResult:
         return run_request(self.client, self.images, request)
 
     def segment(self, target: EditorTarget, volume_node, prompts: Prompts, dimension: int = 3,
-                slice_k: int | None = None) -> tuple[InferResult, WriteReport]:
+                slice_k: int | None = None, model: str | None = None) -> tuple[InferResult, WriteReport]:
         """Synchronous: prompts -> server -> segment. Raises MSAClientError with the segment unchanged."""
-        request = self.request(volume_node, prompts, dimension, slice_k)
+        request = self.request(volume_node, prompts, dimension, slice_k, model)
         result = self.run(request)
         return result, apply_result(target, volume_node, request, result)

@@ -39,7 +39,9 @@ for folder in (REPO / "MSAExtension", REPO / "tests" / "app", HERE):
         sys.path.insert(0, str(folder))
 
 from app_helpers import Server, start_server, stop_server  # noqa: E402
-from slicer_helpers import DICOM, DICOM_LABELS, LIVER, ROI_MARGIN, ROI_SLICES, Mrml, new_mrml  # noqa: E402
+from MSAExtensionLib import MSAClient, Segmenter  # noqa: E402
+from slicer_helpers import (DICOM, DICOM_LABELS, LIVER, ROI_MARGIN, ROI_SLICES, Mrml, Run, new_mrml,  # noqa: E402
+                            place_case, run_case)
 
 
 @pytest.fixture(scope="session")
@@ -121,6 +123,15 @@ def liver_case(dicom_dir: Path, data_dir: Path) -> LiverCase:
                         ([roi[0], roi[2], roi[4]], [roi[1], roi[3], roi[5]])])
     return LiverCase(point, roi, _ras(volume.geometry, point).tolist(), corners.min(axis=0), corners.max(axis=0),
                      liver, session.mask(1))
+
+
+@pytest.fixture(scope="session")
+def liver_run(server, dicom_dir, liver_case) -> Run:
+    """The DICOM series loaded by Slicer's reader, the case's prompts, one `msa` request."""
+    mrml = new_mrml()
+    volume = mrml.load_dicom(dicom_dir)
+    segmentation, liver, nodes = place_case(mrml, volume, liver_case)
+    return run_case(mrml, volume, segmentation, liver, nodes, Segmenter(MSAClient(server.url)))
 
 
 @pytest.hookimpl(hookwrapper=True)

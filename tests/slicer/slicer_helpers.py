@@ -17,6 +17,8 @@ import numpy as np
 
 import slicer
 import vtk
+from MSAExtensionLib import EditorLogicTarget, Segmenter, apply_result, make_editor_logic
+from MSAExtensionLib.prompts import prompt_nodes, prompts_from_nodes, set_box
 
 DICOM = "ct_abdomen_dicom"
 DICOM_LABELS = "ct_abdomen_dicom_labels.nii.gz"
@@ -45,6 +47,7 @@ class Mrml:
     volumes: object  # vtkSlicerVolumesLogic
     segmentations: object  # vtkSlicerSegmentationsModuleLogic
     application: object
+    colors: object  # held here: the application logic does not keep its module logics alive
 
     def load_volume(self, path: str | Path, name: str, files: list[str] | None = None, label: bool = False):
         """A file, or a DICOM series given as its file list, read by Slicer's own volume reader."""
@@ -68,11 +71,12 @@ class Mrml:
         return node, ids
 
     def add_points(self, name: str, points_world: list, parent=None):
+        """A fiducial list under `parent` with points at these WORLD positions."""
         node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
         if parent is not None:
             node.SetAndObserveTransformNodeID(parent.GetID())
         for p in points_world:
-            node.AddControlPoint(vtk.vtkVector3d(*p))
+            node.AddControlPointWorld(vtk.vtkVector3d(*p))
         return node
 
     def add_transform(self, matrix: np.ndarray, name: str = "transform"):
@@ -111,7 +115,7 @@ def new_mrml() -> Mrml:
         logic.SetMRMLScene(scene)
         app.SetModuleLogic(name, logic)
         logics[name] = logic
-    mrml = Mrml(scene, logics["Volumes"], logics["Segmentations"], app)
+    mrml = Mrml(scene, logics["Volumes"], logics["Segmentations"], app, logics["Colors"])
     _BY_SCENE[id(scene)] = mrml
     return activate(mrml)
 
@@ -142,3 +146,53 @@ def rotation(axis: str, degrees: float) -> np.ndarray:
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     return 2.0 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
+
+
+@dataclass
+class Run:
+    """One request made the way the effect makes it, and what came of it."""
+
+    mrml: Mrml
+    volume: object
+    segmentation: object
+    segment_id: str
+    segmenter: Segmenter
+    request: object
+    result: object
+    report: object
+    nodes: object
+
+
+def case_prompts(case) -> "Prompts":
+    """The case's point and ROI box as Prompts (world RAS). A 2D request keeps the box's cross-section
+    on its slice: box + click is what the model answers reliably whatever adapters are served."""
+    from MSAExtensionLib import Prompts
+
+    lo, hi = case.roi_world_min, case.roi_world_max
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    return Prompts(positive=[list(case.point_world)], roi_corners=corners)
+
+
+def place_case(mrml: Mrml, volume, case, parent=None, carry: np.ndarray = np.eye(4)):
+    """A segmentation with segment 'liver' and its prompt markups for `case`: the positive point and
+    the ROI box, under `parent`, at the case's world positions moved by `carry` (4x4)."""
+    segmentation, (liver,) = mrml.add_segmentation(volume, ["liver"])
+    nodes = prompt_nodes(segmentation, liver)
+    for node in nodes.nodes():
+        if parent is not None:
+            node.SetAndObserveTransformNodeID(parent.GetID())
+    world_point = (carry @ np.array([*case.point_world, 1.0]))[:3]
+    nodes.positive.AddControlPointWorld(vtk.vtkVector3d(*world_point))
+    center = (case.roi_world_min + case.roi_world_max) / 2
+    size = case.roi_world_max - case.roi_world_min
+    set_box(nodes.box, (carry @ np.array([*center, 1.0]))[:3], carry[:3, :3], tuple(size))
+    return segmentation, liver, nodes
+
+
+def run_case(mrml, volume, segmentation, segment_id, nodes, segmenter) -> Run:
+    target = EditorLogicTarget(make_editor_logic(mrml.scene, segmentation, volume), segment_id)
+    prompts = prompts_from_nodes(nodes)
+    request = segmenter.request(volume, prompts, dimension=3)
+    result = segmenter.run(request)
+    report = apply_result(target, volume, request, result)
+    return Run(mrml, volume, segmentation, segment_id, segmenter, request, result, report, nodes)

@@ -10,65 +10,14 @@ The same again with an oblique volume and markups under a rotating + translating
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import pytest
 import vtk
 
-from MSAExtensionLib import (EditorLogicTarget, MSAClient, Segmenter, apply_result, control_points_world,
-                             make_editor_logic, roi_corners_world)
+from MSAExtensionLib import control_points_world, roi_corners_world
 from MSAExtensionLib.geometry import ijk_to_ras, to_vtk
-from MSAExtensionLib.prompts import prompt_nodes, prompts_from_nodes, set_box
-from slicer_helpers import DICOM_LABELS, LIVER, Mrml, dice, new_mrml, rotation, segment_array
+from slicer_helpers import DICOM_LABELS, LIVER, dice, new_mrml, place_case, rotation, run_case, segment_array
 
 MIN_LIVER_DICE = 0.9
-
-
-@dataclass
-class Run:
-    mrml: Mrml
-    volume: object
-    segmentation: object
-    segment_id: str
-    segmenter: Segmenter
-    request: object
-    result: object
-    report: object
-    nodes: object
-
-
-def _place(mrml: Mrml, volume, case, parent=None, to_local=np.eye(4)):
-    """Markups for the case: a positive point and an ROI, under `parent` (positions given in world)."""
-    segmentation, (liver,) = mrml.add_segmentation(volume, ["liver"])
-    nodes = prompt_nodes(segmentation, liver)
-    for node in nodes.nodes():
-        if parent is not None:
-            node.SetAndObserveTransformNodeID(parent.GetID())
-    world_point = (to_local @ np.array([*case.point_world, 1.0]))[:3]
-    nodes.positive.AddControlPointWorld(vtk.vtkVector3d(*world_point))
-    center = (case.roi_world_min + case.roi_world_max) / 2
-    size = case.roi_world_max - case.roi_world_min
-    set_box(nodes.box, (to_local @ np.array([*center, 1.0]))[:3], to_local[:3, :3], tuple(size))
-    return segmentation, liver, nodes
-
-
-def _run(mrml, volume, segmentation, segment_id, nodes, segmenter) -> Run:
-    target = EditorLogicTarget(make_editor_logic(mrml.scene, segmentation, volume), segment_id)
-    prompts = prompts_from_nodes(nodes)
-    request = segmenter.request(volume, prompts, dimension=3)
-    result = segmenter.run(request)
-    report = apply_result(target, volume, request, result)
-    return Run(mrml, volume, segmentation, segment_id, segmenter, request, result, report, nodes)
-
-
-@pytest.fixture(scope="session")
-def liver_run(server, dicom_dir, liver_case) -> Run:
-    """The DICOM series loaded by Slicer's reader, the case's prompts, one `msa` request."""
-    mrml = new_mrml()
-    volume = mrml.load_dicom(dicom_dir)
-    segmentation, liver, nodes = _place(mrml, volume, liver_case)
-    return _run(mrml, volume, segmentation, liver, nodes, Segmenter(MSAClient(server.url)))
 
 
 def test_dicom_volume_is_on_itk_grid(liver_run, dicom_dir):
@@ -140,14 +89,14 @@ def test_oblique_volume_and_transformed_markups_give_the_same_mask(liver_run, li
     pose = rotation("y", 25) @ rotation("z", 10)
     pose[:3, 3] = [12.0, -30.0, 25.0]
     parent = mrml.add_transform(pose, "markups pose")
-    segmentation, liver, nodes = _place(mrml, oblique, liver_case, parent=parent, to_local=tilt)
+    segmentation, liver, nodes = place_case(mrml, oblique, liver_case, parent=parent, carry=tilt)
     # The markups' own coordinates differ from world: the parent transform must be applied.
     local = [0.0, 0.0, 0.0]
     nodes.positive.GetNthControlPointPosition(0, local)
     world = control_points_world(nodes.positive)[0]
     assert np.linalg.norm(np.subtract(local, world)) > 20, (local, world)
 
-    run = _run(mrml, oblique, segmentation, liver, nodes, liver_run.segmenter)
+    run = run_case(mrml, oblique, segmentation, liver, nodes, liver_run.segmenter)
     assert run.request.params["foreground"] == [liver_case.point_ijk], run.request.params
     assert run.request.params["roi"] == liver_case.roi_ijk, run.request.params
     assert run.result.image_id != liver_run.result.image_id  # another grid: another image on the server
