@@ -202,16 +202,16 @@ class SliceData:
         start = int(rng.integers(first, last + 1)) if last >= first else ks[lo]
         return [k for k in range(start, start + depth) if k <= ks[hi]]
 
-    def prepare(self, block: int | None) -> None:
-        """Encode, once and in batches, what training reads: every sample slice's trunk at `block`
-        (encoder adapters train from there) or its embedding (decoder side only)."""
+    def prepare(self, block: int | None, samples: list[Sample] | None = None) -> None:
+        """Encode, once and in batches, the trunks training reads (msa.store): the input of `block` (where
+        encoder adapters train from; None: the model's first adapted block) of every slice that may be read,
+        or of the slices of `samples` only."""
         self.first_trained_block = block or 0
-        for index, ks in enumerate(tqdm(self.slices, desc="encoding volumes", unit="volume",
-                                        disable=not self.engine.progress or len(self.slices) < 2)):
-            if block is None:
-                self.engine.embeddings(self.volumes[index], ks)
-            else:
-                self.engine.ensure_trunks(self.volumes[index], ks, block)
+        wanted = self.slices if samples is None else [sorted({s.k for s in samples if s.case == index})
+                                                      for index in range(len(self.volumes))]
+        for index, ks in enumerate(tqdm(wanted, desc="encoding volumes", unit="volume",
+                                        disable=not self.engine.progress or len(wanted) < 2)):
+            self.engine.ensure_trunks(self.volumes[index], ks, block)
 
     def target(self, s: Sample) -> np.ndarray:
         return np.isin(self.references[s.case][s.k], self.structures[s.case][s.label])
@@ -618,10 +618,11 @@ def train_on(engine: Engine, data: SliceData, val: SliceData | None, out: str | 
     val_samples = spread(val_samples, val, config.val_per_structure)
     trainer = Trainer(engine, data, val_samples, val, config, Path(out), teacher)  # checks the config first
     with _feature_store(engine):
-        if config.encoder_blocks:
-            data.prepare(len(engine.model.image_encoder.adapted_blocks()) - config.encoder_blocks)
-        elif not config.train_encoder:
-            data.prepare(None)  # fixed embeddings: the trunk each slice's embedding is computed from
+        if not config.train_encoder:  # (which re-encodes images every step)
+            block = len(engine.model.image_encoder.adapted_blocks()) - config.encoder_blocks if config.encoder_blocks \
+                else None  # decoder side only: the trunk each slice's fixed embedding is computed from
+            data.prepare(block)
+            val.prepare(block, val_samples)
         if resume:
             trainer.resume()
         return trainer.run(on_progress)
