@@ -27,9 +27,10 @@ demo: venv
 	test -e $(STUDIES)/ct_abdomen.nii.gz || cp lib/msa/sample_data/ct_abdomen.nii.gz $(STUDIES)/
 	@echo ""
 	@echo "MSA server starting on http://127.0.0.1:$(PORT) (first start: the model loads in a few seconds)."
-	@echo "In 3D Slicer: install the MONAILabel extension, open the MONAI Label module, set the server to"
-	@echo "http://127.0.0.1:$(PORT), click 'Next Sample', then pick model 'msa' and click in the organ (or"
-	@echo "draw an ROI). Any MONAI Label client works too: see README.md."
+	@echo "In 3D Slicer: add this repository's MSAExtension folder in Application Settings > Modules, open"
+	@echo "the module 'MSA (Medical SAM Adapter)', press 'Test connection' (http://127.0.0.1:$(PORT)), then"
+	@echo "'Next sample' and 'Segment with MSA', and click in an organ (README.md: Use it in 3D Slicer)."
+	@echo "The stock MONAILabel plugin and any MONAI Label client work too (models msa and msa_2d)."
 	@echo ""
 	PATH="$(abspath $(BIN)):$$PATH" monailabel start_server --app monailabel_app --studies $(STUDIES) --host 127.0.0.1 --port $(PORT)
 

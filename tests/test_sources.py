@@ -106,7 +106,7 @@ def test_bad_data_fails_before_any_encoding(folder: Path, tmp_path: Path) -> Non
     no_match = tmp_path / "no_match"
     no_match.mkdir()
     write_case(no_match, 5, big=4, small=5)
-    with pytest.raises(MSAError, match="source 'no_match': none of its cases holds the structures"):
+    with pytest.raises(MSAError, match="no training samples in source 'no_match': none of its cases holds the structures"):
         SliceData.from_sources(engine, [parse_source(str(folder)), parse_source(f"{no_match}::labels=1,2")])
     # A label map of another, larger scan: most of its structure lies outside this image.
     image, _ = write_case(tmp_path, 6, shape=(40, 48))

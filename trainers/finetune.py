@@ -147,8 +147,8 @@ class SliceData:
                 for axis in source.axes:
                     data._add(*reslice(volume, reference, axis), structures, index, source.stride)
             if len(data.samples) == before:
-                raise MSAError(f"source {source.name!r}: none of its cases holds the structures asked for "
-                               f"({source.labels or 'all labels'})")
+                raise MSAError(f"no training samples in source {source.name!r}: none of its cases holds the structures "
+                               f"asked for ({source.labels or 'all labels'}) on {MIN_SLICE_VOXELS} voxels of a slice")
         data._check()
         return data
 
