@@ -10,28 +10,35 @@ and ROI boxes, and active-learning retraining of the adapters.
 --conf device       cpu | cuda | cuda:N (default cpu)
 --conf cache_mb     embedding cache size (default 2048)
 --conf labels       comma-separated structure names the infer tasks list
+--conf cors_origins browser origins allowed to call the server (default: none; see lib/policy.py)
+--conf allowed_hosts  host names besides IP addresses, localhost and this machine's name
+--conf max_upload_mb / max_image_mb   upload limits (default 1024 / 2048)
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
 import hashlib
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.tasks.activelearning.first import First
+from monailabel.utils.others.generic import remove_file
 
 from lib.activelearning import ConfidenceScoring, LeastConfident, RandomUnlabeled
 from lib.datastore import CheckedDatastore
-from lib.infers import MSAInfer, VolumeCache
+from lib.errors import NotFound
+from lib.infers import RESULT_PREFIX, MSAInfer, VolumeCache
 from lib.models import ModelProvider
-from lib.server import move_inference_off_event_loop
+from lib.names import check_name
+from lib.params import InferParams
+from lib.policy import Policy
+from lib.routes import install
+from lib.scoring import ScoringRunner
 from lib.trainers import MSATrain
 from msa.errors import MSAError
 
@@ -61,27 +68,28 @@ class MSAApp(MONAILabelApp):
         os.environ.setdefault("PYTHONPATH", "")
         try:
             self.provider = ModelProvider(conf, Path(conf.get("model_dir", Path(app_dir) / "model")))
+            self.policy = Policy.from_conf(conf, studies, settings.MONAI_LABEL_CORS_ORIGINS)
         except MSAError as exc:
             # One line and exit code 2: raising would be caught by uvicorn's start-up hook and
             # reported as a long traceback ending in "Application startup failed".
             print(f"MSA app cannot start: {exc}", file=sys.stderr, flush=True)
             os._exit(2)
         self.volumes = VolumeCache()
-        self.result_dir = tempfile.mkdtemp(prefix="msa-results-")  # label files on their way to clients
-        atexit.register(shutil.rmtree, self.result_dir, ignore_errors=True)
         self.confidence = ConfidenceScoring(self.provider, self.volumes)  # the uncertainty strategy uses it too
+        self.scoring_runner = ScoringRunner(self.scoring)
         self.structure_labels = [s.strip() for s in conf.get("labels", ",".join(DEFAULT_LABELS)).split(",") if s.strip()]
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="MSA",
                          description="Medical SAM Adapter: interactive segmentation with clicks and ROI boxes",
                          version="0.1.0", labels=self.structure_labels)
 
     def init_datastore(self):
-        return CheckedDatastore(self.studies, auto_reload=False)
+        return CheckedDatastore(self.studies, self.policy.max_image_bytes, auto_reload=False,
+                                extensions=("*.nii.gz", "*.nii", "*.nrrd"))
 
     def init_infers(self):
         return {
-            "msa": MSAInfer(self.provider, self.structure_labels, 3, self.volumes, self.result_dir),
-            "msa_2d": MSAInfer(self.provider, self.structure_labels, 2, self.volumes, self.result_dir),
+            "msa": MSAInfer(self.provider, self.structure_labels, 3, self.volumes),
+            "msa_2d": MSAInfer(self.provider, self.structure_labels, 2, self.volumes),
         }
 
     def init_trainers(self):
@@ -93,9 +101,28 @@ class MSAApp(MONAILabelApp):
     def init_strategies(self):
         return {"random": RandomUnlabeled(), "first": First(), "uncertainty": LeastConfident(self.confidence)}
 
+    def _load_sessions(self, load: bool = False):
+        # Sessions store uploads outside the datastore, unchecked and unbounded; infer takes datastore
+        # ids only, so the app has no use for them: no session folder, and the routes are refused.
+        return None
+
     def on_init_complete(self) -> None:
-        super().on_init_complete()
-        move_inference_off_event_loop()
+        # Only the server cleans up after a killed predecessor: a training subprocess builds this app
+        # too, and must not delete the upload the server is checking right now.
+        self._datastore.remove_leftovers()
+        # Subprocesses (training) reach the server on this port, not MONAI Label's default 8000.
+        os.environ["MONAI_LABEL_SERVER_PORT"] = str(settings.MONAI_LABEL_SERVER_PORT)
+        install(self.policy)
+        super().on_init_complete()  # starts the scoring of unlabeled images (in-process, see async_scoring)
+
+    def async_scoring(self, method, params=None):
+        """In the server: scoring on a thread of this process, on this process's model and datastore
+        (MONAI Label's subprocess loaded the model again and its datastore writes were lost). In a
+        training subprocess: MONAI Label asks the server over HTTP, which lands here."""
+        if not self._server_mode:
+            return super().async_scoring(method, params)
+        methods = [method] if method else list(self._scoring_methods)
+        return self.scoring_runner.submit(methods) if methods else {}
 
     def info(self) -> dict:
         """MONAI Label's /info/, plus `msa`: which backbone and adapters answer (the Slicer
@@ -108,20 +135,34 @@ class MSAApp(MONAILabelApp):
         return meta
 
     def infer(self, request: dict, datastore=None) -> dict:
-        """MONAI Label's infer, with user mistakes answered as 4xx instead of 500."""
-        if request.get("model") not in self._infers:
-            raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; "
-                                                        f"this app serves {', '.join(self._infers)}")
-        image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image) and not self.datastore().get_image_uri(image):
-            raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
-        try:
-            return super().infer(request, datastore)
-        except MSAError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from None
-
-    def train(self, request: dict) -> dict:
-        try:
-            return super().train(request)
-        except MSAError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from None
+        """MONAI Label's infer for datastore ids only: `image` is an id (never a server path; MONAI
+        Label's own infer treats any existing path as the image), params are checked before the
+        image is looked up, and the label is stored only under a tag that is a name."""
+        request = dict(request)
+        model, image_id = request.pop("model", None), request.pop("image", None)
+        task = self._infers.get(model) if isinstance(model, str) else None
+        if task is None:
+            raise NotFound(f"unknown model {str(model)[:60]!r}; this app serves {', '.join(self._infers)}")
+        params = InferParams.parse(request)
+        image_id = check_name(image_id, "image")
+        datastore = datastore or self.datastore()
+        uri = datastore.get_image_uri(image_id)
+        if not uri:
+            raise NotFound(f"no image {image_id!r} in the datastore")
+        task_request = {**request, "image": uri, "description": task.description}
+        if self._infers_threadpool:
+            future = self._infers_threadpool.submit(task, task_request)
+            result_file, result_json = future.result(settings.MONAI_LABEL_INFER_TIMEOUT)
+        else:
+            result_file, result_json = task(task_request)
+        label_id, tag = result_file, DefaultLabelTag.ORIGINAL.value
+        if params.save_label:
+            try:
+                label_id = datastore.save_label(image_id, result_file, params.label_tag,
+                                                {"model": model, "params": result_json})
+            except BaseException:
+                folder = Path(result_file).parent
+                remove_file(str(folder) if folder.name.startswith(RESULT_PREFIX) else result_file)
+                raise
+            tag = params.label_tag
+        return {"label": label_id, "tag": tag, "file": result_file, "params": result_json}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -11,20 +12,14 @@ from collections import OrderedDict
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from msa.errors import ImageError, PromptError
+from msa.errors import ImageError
 from msa.io import Volume, load_image, save_labels
 from msa.session import Session
 
 from .models import ModelProvider
+from .params import InferParams
 
-
-def _points(request: dict, key: str) -> list[list[float]]:
-    points = request.get(key) or []
-    if not isinstance(points, list) or not all(
-            isinstance(p, (list, tuple)) and len(p) == 3 and all(isinstance(v, (int, float)) for v in p)
-            for p in points):
-        raise PromptError(f"'{key}' must be a list of [i, j, k] voxel indices, got {str(points)[:80]}")
-    return [list(map(float, p)) for p in points]
+RESULT_PREFIX = "msa-result-"  # one folder per answer, removed once it is sent (lib/routes.py)
 
 
 class VolumeCache:
@@ -61,43 +56,34 @@ class MSAInfer(InferTask):
     dimension 2: only slice `slice` (default: the slice of the first click) is segmented.
     """
 
-    def __init__(self, provider: ModelProvider, labels: list[str], dimension: int, volumes: VolumeCache,
-                 result_dir: str) -> None:
+    def __init__(self, provider: ModelProvider, labels: list[str], dimension: int, volumes: VolumeCache) -> None:
         kind = "3D, slice-coherent propagation" if dimension == 3 else "2D, one slice"
         super().__init__(type=InferType.DEEPGROW, labels=labels, dimension=dimension,
                          description=f"MSA (Medical SAM Adapter): clicks and ROI boxes, {kind}",
                          config={"result_extension": ".nii.gz"})
         self.provider = provider
         self.volumes = volumes
-        self.result_dir = result_dir
 
     def is_valid(self) -> bool:
         return True
 
     def __call__(self, request: dict) -> tuple[str, dict]:
+        """`request`: the app's checked params plus `image` (a path inside the studies folder)."""
         started = time.perf_counter()
-        foreground, background = _points(request, "foreground"), _points(request, "background")
-        roi = request.get("roi") or None
-        if roi is not None and (not isinstance(roi, list) or len(roi) != 6):
-            raise PromptError(f"'roi' must be [i0, i1, j0, j1, k0, k1], got {str(roi)[:80]}")
-        if not foreground and roi is None:
-            raise PromptError("give at least one foreground point or an roi")
-        label = request.get("label")
-        if label is not None and self.labels and label not in self.labels:
-            raise PromptError(f"unknown label {label!r}; this model lists {', '.join(self.labels)}")
-
-        engine = self.provider.engine()
+        params = InferParams.parse({k: v for k, v in request.items() if k not in ("image", "description", "model")})
         volume = self.volumes.load(request["image"])
+        # Every prompt against the image before the encoder runs: a bad one costs no encoding.
+        k = params.check_against(volume.shape_ijk, self.dimension, self.labels)
+        foreground, background = params.foreground, params.background
+        roi = list(params.roi) or None
+        engine = self.provider.engine()
         encoded_before = engine.encoded_slices
         session = Session(engine, volume)
         propagate = self.dimension == 3
         if self.dimension == 2:
-            k = int(request.get("slice", foreground[0][2] if foreground else roi[4]))
             foreground = [p for p in foreground if int(p[2]) == k]
             background = [p for p in background if int(p[2]) == k]
-            roi = roi[:4] + [k, k] if roi is not None else None
-            if not foreground and roi is None:
-                raise PromptError(f"no foreground point on slice {k}")
+            roi = roi[:4] + [k, k] if roi is not None else None  # the ROI's box, on slice k
         if roi is not None:
             session.add_roi(roi, propagate=propagate)
         for point in foreground:
@@ -106,12 +92,17 @@ class MSAInfer(InferTask):
             session.add_point(point, positive=False, propagate=propagate)
 
         mask = session.mask(1).astype(np.uint8)
-        extension = request.get("result_extension", ".nii.gz")
-        # Our own folder: MONAI Label deletes the file after sending it, and a client on the same
-        # machine saving into the system temp folder under the same name would lose its copy.
-        fd, path = tempfile.mkstemp(suffix=extension, dir=self.result_dir)
+        # A folder of its own per answer: MONAI Label deletes the file once sent, and a client on the
+        # same machine saving its copy into the system temp folder under the same name would lose it.
+        folder = tempfile.mkdtemp(prefix=RESULT_PREFIX)
+        fd, path = tempfile.mkstemp(suffix=params.result_extension, dir=folder)
         os.close(fd)
-        save_labels(mask, volume, path)
+        try:
+            save_labels(mask, volume, path)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        label = params.label
         meta = engine.model.adapters_meta or {}
         return path, {
             "label_names": {label or "foreground": 1},

@@ -12,7 +12,6 @@ from pathlib import Path
 import psutil
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
-
 from msa import build_model
 from msa.data import Case, Source
 from msa.engine import Engine
@@ -20,6 +19,7 @@ from msa.errors import MSAError
 from msa.trainers import TrainConfig, selection_score, train
 
 from .models import ModelProvider
+from .params import TrainParams
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class MSATrain(TrainTask):
         self.stats_path = provider.model_dir / "train_stats.json"
 
     def config(self) -> dict:
-        return {"steps": 100, "batch_size": 8, "lr": 1e-4, "seed": 0, "eval_every": 25}
+        return TrainParams().model_dump()  # the defaults /info/ lists; the same model checks requests
 
     def stats(self) -> dict:
         """The last run's record; a RUNNING run whose process is gone (stopped, killed) reads STOPPED."""
@@ -66,11 +66,29 @@ class MSATrain(TrainTask):
         return stats
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
+        """One run; whatever ends it early (bad params, no labels, a crash while training or while
+        publishing) is recorded as FAILED with its error, so /info/ never shows the previous run
+        or a STOPPED run in its place."""
+        started = time.time()
+        me = psutil.Process()
+        run = {"start_ts": started, "pid": me.pid, "pid_created": me.create_time()}
+        try:
+            return self._run(request, datastore, run)
+        except BaseException as error:
+            message = " ".join(str(error).split()) or type(error).__name__
+            try:
+                self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+                _write_json(self.stats_path, {"status": "FAILED", "error": message, **run})
+            except OSError as cannot:  # the run's own error is the one to report
+                logger.error(f"cannot record the failed run in {self.stats_path}: {cannot}")
+            raise
+
+    def _run(self, request: dict, datastore: Datastore, run: dict) -> dict:
+        config = TrainConfig(**TrainParams.from_request(request).model_dump())  # MSAError before any work
         cases = [Case(Path(d["image"]), Path(d["label"])) for d in datastore.datalist()]
         if not cases:
             raise MSAError("no final labels in the datastore yet: save a label, then train")
-        defaults = self.config()
-        config = TrainConfig(**{k: type(v)(request.get(k, v)) for k, v in defaults.items()})
+        run["images"] = len(cases)
         model_dir = self.provider.model_dir
         model_dir.mkdir(parents=True, exist_ok=True)
         draft = model_dir / "msa_adapters.training.pt"
@@ -82,20 +100,14 @@ class MSATrain(TrainTask):
                             device=self.provider.device)
         # Boxes keep the backbone's answer; its depth branch is zero, so the teacher is the 2D backbone.
         teacher = build_model(self.provider.backbone, checkpoint=self.provider.checkpoint, device=self.provider.device)
-        started = time.time()
-        me = psutil.Process()
-        run = {"images": len(cases), "start_ts": started, "pid": me.pid, "pid_created": me.create_time()}
+        started = run["start_ts"]
 
         def progress(step: int, steps: int, record: dict) -> None:
             _write_json(self.stats_path, {"status": "RUNNING", "step": step, "total_steps": steps, **run, **record})
 
         progress(0, config.steps, {})
-        try:
-            result = train(Engine(model), [Source("datastore", cases)], draft, config, resume=False,
-                           on_progress=progress, teacher=teacher)
-        except Exception as error:
-            _write_json(self.stats_path, {"status": "FAILED", "error": str(error), **run})
-            raise
+        result = train(Engine(model), [Source("datastore", cases)], draft, config, resume=False,
+                       on_progress=progress, teacher=teacher)
         os.replace(draft, self.provider.published)  # publish: one atomic rename
         draft.with_name(draft.name + ".state").unlink(missing_ok=True)
         best = max(result["history"], key=selection_score)

@@ -3,6 +3,7 @@ HTTP statuses out of client errors, snapshot a folder byte by byte."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -99,13 +100,16 @@ class Server:
         raise AssertionError(f"a training task still runs after {timeout} s\n{self.log_tail()}")
 
 
-def start_server(tmp: Path, studies: Path, model_dir: Path) -> Server:
+def start_server(tmp: Path, studies: Path, model_dir: Path, conf: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None) -> Server:
+    """`conf`: more --conf options; `env`: environment entries over server_env's (e.g. TMPDIR)."""
     port = free_port()
     output = tmp / "server.out"
     with open(output, "wb") as out:
         process = subprocess.Popen(
-            start_command(studies, port, {"model_dir": str(model_dir)}, tmp),
-            stdout=out, stderr=subprocess.STDOUT, env=server_env(tmp), cwd=tmp, start_new_session=True)
+            start_command(studies, port, {"model_dir": str(model_dir), **(conf or {})}, tmp),
+            stdout=out, stderr=subprocess.STDOUT, env={**server_env(tmp), **(env or {})}, cwd=tmp,
+            start_new_session=True)
     server = Server(f"http://127.0.0.1:{port}", process, studies, model_dir, output, tmp)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -180,3 +184,32 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def sha256_tree(folder: Path) -> dict[str, str]:
+    """Every file under folder (hidden ones too) -> its sha256; folders as markers; symlinks by target."""
+    result = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            result[os.path.relpath(os.path.join(root, name), folder) + "/"] = ""
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                result[os.path.relpath(path, folder)] = "-> " + os.readlink(path)
+            else:
+                result[os.path.relpath(path, folder)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return result
+
+
+def files_under(folder: Path, skip: tuple[str, ...] = ()) -> set[str]:
+    """Relative paths of everything under folder, except the top-level entries named in skip."""
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        rel = os.path.relpath(root, folder)
+        if rel != "." and rel.split(os.sep)[0] in skip:
+            continue
+        for name in dirs + files:
+            path = os.path.normpath(os.path.join(rel, name))
+            if path.split(os.sep)[0] not in skip:
+                found.add(path)
+    return found

@@ -10,7 +10,6 @@ import sys
 
 import psutil
 import pytest
-
 from app_helpers import APP_DIR, MAIN_ID
 
 
@@ -29,7 +28,6 @@ def app_lib():
 def test_a_failed_run_reports_failed_and_publishes_nothing(app_lib, study, tmp_path):
     import SimpleITK as sitk
     from monailabel.datastore.local import LocalDatastore
-
     from msa.errors import MSAError
 
     ModelProvider, MSATrain = app_lib
@@ -66,3 +64,24 @@ def test_a_running_record_reads_stopped_once_its_process_is_gone(app_lib, tmp_pa
     assert record(ended.pid, created)["status"] == "STOPPED"
     assert record(me.pid, me.create_time() - 100)["status"] == "STOPPED"  # same pid, another process
     assert record(me.pid, me.create_time())["step"] == 3
+
+
+@pytest.mark.parametrize(("params", "key"), [({"steps": "abc"}, "steps"), ({"steps": -3}, "steps"),
+                                             ({"steps": 4, "eval_every": 0}, "eval_every")])
+def test_bad_params_are_a_failed_run_not_the_previous_one(app_lib, params, key, tmp_path):
+    """A run that ends at once (params the route would have refused, sent some other way) is
+    recorded FAILED with its error: /info/ must not keep showing the previous run."""
+    from monailabel.datastore.local import LocalDatastore
+    from msa.errors import MSAError
+
+    ModelProvider, MSATrain = app_lib
+    task = MSATrain(ModelProvider({}, tmp_path / "model"))
+    task.stats_path.parent.mkdir(parents=True)
+    task.stats_path.write_text(json.dumps({"status": "DONE", "step": 4, "start_ts": 1.0}))
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    with pytest.raises(MSAError, match=key):
+        task({"model": "msa", "gpus": "all", "local_rank": 0, **params}, LocalDatastore(str(studies)))
+    stats = task.stats()
+    assert stats["status"] == "FAILED" and key in stats["error"], stats
+    assert stats["start_ts"] > 1.0, stats
