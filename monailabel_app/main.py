@@ -12,6 +12,7 @@ and ROI boxes, and active-learning retraining of the adapters.
 --conf labels       comma-separated structure names the infer tasks list
 --conf cors_origins browser origins allowed to call the server (default: none; see lib/policy.py)
 --conf allowed_hosts  host names besides IP addresses, localhost and this machine's name
+--conf allowed_clients  other machines' addresses / networks allowed to call (default: this machine only)
 --conf max_upload_mb / max_image_mb   upload limits (default 1024 / 2048)
 """
 

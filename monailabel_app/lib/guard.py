@@ -3,6 +3,7 @@ Label's), installed in place of MONAI Label's CORS middleware, which allowed eve
 credentials.
 
 Before any route code runs it checks, in this order:
+0. the client: this machine, or a network the operator named (--conf allowed_clients);
 1. Host: an IP address, localhost, this machine's name or a name the operator allowed (a web page
    that re-points its own DNS name at this machine is refused: DNS rebinding);
 2. Origin: a browser request from an origin the operator did not name (--conf cors_origins) is
@@ -75,6 +76,11 @@ class RequestGuard:
     def _check_origin(self, scope: Scope, headers: Headers) -> str | None:
         """The request's Origin if the operator allowed it; None for same-origin and non-browser
         clients (no Origin header); Forbidden for any other browser origin."""
+        client = scope.get("client")
+        if not self.policy.client_allowed(client[0] if client else None):
+            raise Forbidden("this server answers clients on its own machine only; to serve other machines, "
+                            "start it with --conf allowed_clients <network> behind a reverse proxy with TLS "
+                            "and authentication")
         host = headers.get("host", "")
         if not self.policy.host_allowed(host):
             raise BadRequest(f"host {host[:80]!r} is not served: reach the server by its IP address or "

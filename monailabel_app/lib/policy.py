@@ -6,6 +6,10 @@
                        used; MONAI Label's tokens travel in the Authorization header).
 --conf allowed_hosts   host names clients may use to reach the server besides localhost, IP
                        addresses and this machine's name (DNS-rebinding guard); * for any
+--conf allowed_clients addresses or networks of other machines allowed to call the server
+                       (192.168.1.0/24,10.0.0.7, or * for any); default: this machine only.
+                       Behind a reverse proxy on this machine, uvicorn reports the address the
+                       proxy forwards (X-Forwarded-For): name the proxy's users here.
 --conf max_upload_mb   largest request body of an upload (default 1024)
 --conf max_image_mb    largest decoded image or label an upload may hold (default 2048)
 """
@@ -43,6 +47,19 @@ def _split(value: str) -> list[str]:
     return [item for item in value.replace(",", " ").split() if item]
 
 
+def _clients(value: str) -> tuple | None:
+    networks = []
+    for item in _split(value):
+        if item == "*":
+            return None
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise MSAError(f"--conf allowed_clients: {item!r} is not an IP address or network "
+                           f"(e.g. 192.168.1.0/24)") from None
+    return tuple(networks)
+
+
 def _megabytes(conf: dict, key: str, default: float) -> int:
     raw = conf.get(key, default)
     try:
@@ -59,6 +76,7 @@ class Policy:
     studies: Path
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = ()  # None: any
     max_upload_bytes: int = 1024 * 2**20
     max_image_bytes: int = 2048 * 2**20
     max_form_bytes: int = 2**20  # JSON and form bodies that carry no file
@@ -75,7 +93,20 @@ class Policy:
         hosts = [h.lower().strip("[]") for h in _split(str(conf.get("allowed_hosts", "")))]
         hosts.append(socket.gethostname().lower())
         return cls(Path(studies).resolve(), tuple(dict.fromkeys(origins)), tuple(dict.fromkeys(hosts)),
+                   _clients(str(conf.get("allowed_clients", ""))),
                    _megabytes(conf, "max_upload_mb", 1024), _megabytes(conf, "max_image_mb", 2048))
+
+    def client_allowed(self, address: str | None) -> bool:
+        """This machine always; other machines only from the networks the operator named."""
+        if address is None or self.allowed_clients is None:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback):
+            return True
+        return any(ip in network for network in self.allowed_clients if network.version == ip.version)
 
     def origin_allowed(self, origin: str) -> bool:
         if "*" in self.cors_origins:

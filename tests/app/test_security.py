@@ -234,6 +234,17 @@ def test_foreign_browser_origins_get_no_cors_allowance(ctx: Context):
     expect_refused(ctx, 400, lambda: requests.get(f"{ctx.url}/info/", headers={"Host": "evil.example"}, timeout=30))
 
 
+def test_other_machines_are_refused_by_default(ctx: Context):
+    """Only this machine may call unless the operator names networks (MONAI Label listens on 0.0.0.0
+    by default). Another machine is simulated the way a reverse proxy on this machine reports one:
+    uvicorn takes the client address from X-Forwarded-For when the peer is 127.0.0.1."""
+    answer = expect_refused(ctx, 403, lambda: requests.get(
+        f"{ctx.url}/info/", headers={"X-Forwarded-For": "192.168.1.20"}, timeout=30))
+    assert "allowed_clients" in answer.json()["detail"], answer.text
+    expect_refused(ctx, 403, lambda: put_image(ctx, "from_the_lan", ctx.study.fresh.read_bytes(),
+                                               headers={"X-Forwarded-For": "192.168.1.20"}))
+
+
 def test_refused_infers_encoded_nothing(ctx: Context):
     """Every refused infer above named the fresh image with a prompt that would have worked: the
     first real request on it still encodes every slice of the ROI (nothing ran before)."""

@@ -1,7 +1,8 @@
 """A server started the way an operator opens it up (issue 11), from start-up to SIGTERM:
 
 - `--conf cors_origins http://localhost:3000`: that origin, and only it, may call from a browser,
-  without credentials;
+  without credentials; `--conf allowed_clients 192.168.1.0/24`: that network, and only it, besides
+  this machine;
 - MONAI Label's start-up scoring switched on, with an unlabeled image in the studies folder: it
   runs inside the server (no second process loading a second model) and its scores stay in
   datastore_v2.json after later writes;
@@ -29,6 +30,7 @@ from app_helpers import (
 )
 
 ALLOWED = "http://localhost:3000"
+LAN = "192.168.1.0/24"
 SCORING_TIMEOUT = 240.0
 TORCH_CACHE = "torchinductor_"
 
@@ -40,7 +42,7 @@ def server(study: Study, tmp_path_factory: pytest.TempPathFactory):
     studies.mkdir()
     temp.mkdir()
     shutil.copy(study.image, studies / f"{MAIN_ID}.nii.gz")  # unlabeled: start-up scoring scores it
-    running = start_server(tmp, studies, tmp / "model", conf={"cors_origins": ALLOWED},
+    running = start_server(tmp, studies, tmp / "model", conf={"cors_origins": ALLOWED, "allowed_clients": LAN},
                            env={"TMPDIR": str(temp), "MONAI_LABEL_AUTO_UPDATE_SCORING": "true"})
     yield running
     stop_server(running)
@@ -73,6 +75,15 @@ def test_the_named_origin_and_only_it_is_allowed(server: Server):
                            "Origin": origin, "Access-Control-Request-Method": "PUT"})):
             assert answer.status_code == 403, (origin, answer.status_code, answer.text[:200])
             assert not cors_headers(answer), (origin, answer.headers)
+
+
+def test_the_named_network_and_only_it_is_served(server: Server):
+    """uvicorn reports a reverse proxy's client (X-Forwarded-For from 127.0.0.1) as the client."""
+    def status(address: str) -> int:
+        return requests.get(f"{server.url}/info/", headers={"X-Forwarded-For": address}, timeout=30).status_code
+
+    assert [status(a) for a in ("192.168.1.20", "192.168.1.254")] == [200, 200]
+    assert [status(a) for a in ("192.168.2.20", "10.0.0.8", "not-an-address")] == [403, 403, 403]
 
 
 def _scoring_processes(server: Server) -> list[str]:
