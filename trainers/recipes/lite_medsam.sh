@@ -36,6 +36,6 @@ sources=(
 case $stage in
   2d) exec "$MSA" train "${sources[@]}" --steps 600 --batch-size 8 --lr 3e-4 --eval-every 100 "$@" ;;
   3d) exec "$MSA" train "${sources[@]}" --three-d --slab-depth 8 --steps 200 --batch-size 16 --lr 3e-4 \
-        --eval-every 50 "$@" ;;
+        --eval-every 100 "$@" ;;
   *) echo "usage: $0 2d|3d OUT.pt [msa train options]" >&2; exit 2 ;;
 esac
