@@ -14,18 +14,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msa
+import msa.cli
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-import msa
-import msa.cli
 from msa.data import parse_source
 from msa.engine import Engine
 from msa.errors import MSAError
 from msa.io import load_image, reslice
-from msa.trainers.finetune import SliceData
+from msa.trainers.slices import SliceData
 
 
 def write_case(folder: Path, number: int, big: int = 1, small: int = 2, depth: int = 5, shape=(40, 48),
@@ -108,10 +107,10 @@ def test_bad_data_fails_before_any_encoding(folder: Path, tmp_path: Path) -> Non
     write_case(no_match, 5, big=4, small=5)
     with pytest.raises(MSAError, match="no training samples in source 'no_match': none of its cases holds the structures"):
         SliceData.from_sources(engine, [parse_source(str(folder)), parse_source(f"{no_match}::labels=1,2")])
-    # A label map of another, larger scan: most of its structure lies outside this image.
+    # A label map of another, larger scan: its structure lies outside this image.
     image, _ = write_case(tmp_path, 6, shape=(40, 48))
     other = np.zeros((5, 90, 120), np.uint8)
-    other[:, 30:80, 20:100] = 1
+    other[:, 50:80, 20:100] = 1
     labels = tmp_path / "other_labels.nii.gz"
     item = sitk.GetImageFromArray(other)
     item.SetSpacing((1.5, 1.5, 3.0))
@@ -178,3 +177,50 @@ def test_eval_in_another_direction_and_on_a_union(folder: Path, capsys) -> None:
     assert set(summary["per_label"]) == {"adrenal", "abdomen"}
     # Along j, the adrenal (rows 32-36) is on 5 slices and the abdomen (rows 4-36) on 31, each >= 10 voxels.
     assert summary["per_label"]["adrenal"]["n"] == 5 and summary["per_label"]["abdomen"]["n"] == 31
+
+
+def test_slabs_are_consecutive_slices_even_when_samples_are_strided(folder: Path, tmp_path: Path) -> None:
+    """stride thins the samples, not the slices a slab is cut from; a held-out sample is never trained on."""
+    write_case(tmp_path, 11, depth=12)
+    engine = Engine(msa.build_model("lite_medsam_tiny", pretrained=False, three_d=True))
+    data = SliceData.from_sources(engine, [parse_source(f"{tmp_path}/case11.nii.gz:{tmp_path}/case11_labels.nii.gz"
+                                                        "::stride=3")])
+    assert sorted({s.k for s in data.samples}) == [0, 3, 6, 9]
+    rng = np.random.default_rng(0)
+    for anchor in data.samples:
+        ks = data.slab(anchor, 4, rng)
+        assert anchor.k in ks and ks == list(range(ks[0], ks[0] + 4))
+
+    from msa.store import FeatureStore
+    from msa.trainers.finetune import TrainConfig, Trainer
+
+    engine.store = FeatureStore(tmp_path / "features")
+    config = TrainConfig(batch_size=8, slab_depth=4, encoder_blocks=1)
+    data.held_out = {(0, k, "1") for k in range(12) if k % 2}  # odd slices of structure 1: validation only
+    trainer = Trainer(engine, data, data.samples[:1], data, config, tmp_path / "a.pt")
+    data.prepare(3, slabs=True)
+    seen = set()
+    for step in range(6):
+        samples, embeddings = trainer._slab_batch(np.random.default_rng(step))
+        assert len(samples) == len(embeddings)
+        seen |= {(s.k, s.label) for s in samples}
+    assert not {(k, "1") for k in range(1, 12, 2)} & seen
+    assert {(k, "1") for k in range(0, 12, 2)} & seen and any(k % 3 for k, _ in seen)  # slab slices, not just anchors
+
+
+def test_a_2d_adapter_file_serves_a_3d_model_as_2d_and_says_so(tmp_path: Path, caplog) -> None:
+    torch.manual_seed(0)
+    model_2d = msa.build_model("lite_medsam_tiny", pretrained=False)
+    backbone = tmp_path / "backbone.pt"
+    torch.save({k: v for k, v in model_2d.state_dict().items() if "_adapter." not in k}, backbone)
+    with torch.no_grad():
+        for name, param in model_2d.named_parameters():
+            if model_2d.is_trainable(name):
+                param.add_(0.05 * torch.randn_like(param))
+    msa.save_adapters(model_2d, tmp_path / "2d.pt")
+    with caplog.at_level("WARNING", logger="msa"):
+        model_3d = msa.build_model("lite_medsam_tiny", checkpoint=backbone, adapters=tmp_path / "2d.pt", three_d=True)
+    assert "holds 2D adapters" in caplog.text
+    images = Engine(model_2d).model_input(load_image(write_case(tmp_path, 12)[0]), [0, 1, 2, 3])
+    with torch.no_grad():
+        assert torch.allclose(model_3d.encode(images, depth=4), model_2d.encode(images), atol=1e-5)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msa
 import numpy as np
 import pytest
 import torch
-
-import msa
 from msa.engine import Engine
 from msa.errors import MSAError
 from msa.io import Volume

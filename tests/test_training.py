@@ -16,20 +16,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msa
+import msa.cli
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-import msa
-import msa.cli
 from msa.checkpoint import read_checkpoint
 from msa.engine import Engine
 from msa.io import Volume
 from msa.store import FeatureStore
-from msa.trainers.finetune import Prompt, SliceData, TrainConfig, Trainer, train_on, zoom_in_plane
+from msa.trainers.finetune import Prompt, TrainConfig, Trainer, train_on
 from msa.trainers.pretrain import PretrainConfig, pretrain
 from msa.trainers.prompts import corrective_click, jittered_box, random_clicks
+from msa.trainers.slices import SliceData, zoom_in_plane
 
 
 def synthetic_pair(seed: int = 0, depth: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -248,7 +248,7 @@ def test_prompt_mix_gives_boxes_clicks_and_both(tmp_path: Path) -> None:
         config = TrainConfig(batch_size=6, box_probability=box_p, box_click_probability=both_p)
         trainer = Trainer(engine, data, data.samples, data, config, tmp_path / "p.pt")
         samples = data.samples[:6]
-        prompts = trainer._prompts(np.random.default_rng(0), samples, data.embeddings(samples, config))
+        prompts = trainer._prompts(np.random.default_rng(0), samples, data.embeddings(samples, config.encoder_blocks))
         assert {p.kind for p in prompts} == expected
         for p, s in zip(prompts, samples):
             if p.clicks:
@@ -330,7 +330,7 @@ def test_encoder_blocks_train_only_the_last_blocks_adapters(tmp_path: Path) -> N
 
         trainer = Trainer(engine, data, data.samples[:1], data, config, tmp_path / "c.pt", teacher)
         samples = data.samples[:2]
-        student = data.embeddings(samples, config)
+        student = data.embeddings(samples, config.encoder_blocks)
         expected = teacher.encode(torch.cat([engine.model_input(data.volumes[s.case], [s.k]) for s in samples]))
         got = trainer._teacher_embeddings(samples, student)
     # The stored trunks are float16 (measured: 1.5e-3 from the float32 pass); the student's adapters move

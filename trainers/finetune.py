@@ -1,18 +1,18 @@
-"""MSA fine-tuning with simulated prompts: adapters, decoder block 2 and mask head learn.
+"""MSA fine-tuning with simulated prompts: the adapters and the backbone's trained decoder parts learn.
 
-Each step draws a batch of (slice, label) samples. A sample is prompted with a jittered box, with
-clicks, or with both (the engine refines a click's mask with the box of that mask plus the clicks).
-Clicks start random; then come 0..max_corrective_clicks rounds in which the model's own prediction
-is computed (no gradient) and a click is added at the centre of its largest error. The loss (Dice +
-BCE on the masks, MSE on the predicted IoU) is taken on the final prompt set. Box-only samples learn
-the frozen backbone's answer when a teacher is given: the backbone is already good with boxes, and
-one training volume would otherwise pull box quality towards that volume's look.
+Each step draws a batch of (slice, structure) samples, every structure of every source alike
+(msa.trainers.slices). A sample is prompted with a jittered box, with clicks, or with both (the engine
+refines a click's mask with the box of that mask plus the clicks). Clicks start random; then come
+0..max_corrective_clicks rounds in which the model's own prediction is computed (no gradient) and a
+click is added at the centre of its largest error. The loss (Dice + BCE on the masks, MSE on the
+predicted IoU) is taken on the final prompt set. Box-only samples learn the frozen backbone's answer
+when a teacher is given (one training volume would otherwise pull box quality towards its look).
 
-Scales other than 1 add copies of the training volumes zoomed in (centre crop) or out (padding),
-so that structures are seen at more than one size relative to the field of view.
-
-With the encoder adapters left untrained (the default, right for CPUs) the image embeddings are
-constant, so each slice is encoded once up front and training runs on the mask decoder only.
+Encoder features are computed once, into the feature store (msa.store): with the encoder adapters
+left untrained, each slice's fixed embedding comes from its stored trunk; with encoder_blocks N, the
+last N blocks run with gradients on their stored inputs, in 2D, or in 3D on slabs of consecutive
+slices (exact while the earlier blocks' adapters are zero). train_encoder re-encodes the images every
+step (for GPUs).
 
 Every step's randomness is a pure function of (seed, step, rank), so a resumed run replays exactly
 the samples an uninterrupted one would have drawn. Under torchrun each rank draws its own
@@ -25,9 +25,8 @@ import hashlib
 import json
 import math
 import os
-import time
-from collections.abc import Sequence
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,20 +36,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from tqdm.auto import tqdm
-
 from msa.checkpoint import atomic_save, read_checkpoint, save_adapters
-from msa.data import Source, Structures
+from msa.data import Source
 from msa.engine import Engine
 from msa.errors import MSAError
 from msa.evaluate import MIN_SLICE_VOXELS, interior_point
-from msa.io import Volume, load_image, resample_labels_to, reslice
 from msa.metrics import dice
-from msa.store import FeatureStore
 from msa.modeling.msa import MSA
-from msa.transforms import SliceGeometry
+from msa.store import FeatureStore
+from tqdm.auto import tqdm
 
 from .prompts import corrective_click, jittered_box, random_clicks
+from .slices import Sample, SliceData, split_validation, spread
 
 
 @dataclass
@@ -86,13 +83,6 @@ class TrainConfig:
 
 
 @dataclass
-class Sample:
-    case: int  # index into SliceData.volumes (a volume as sliced and zoomed for training)
-    k: int
-    label: str  # structure name, a key of SliceData.structures[case]
-
-
-@dataclass
 class Prompt:
     clicks: list[tuple[float, float, int]] | None = None
     box: tuple[float, float, float, float] | None = None
@@ -100,168 +90,6 @@ class Prompt:
     @property
     def kind(self) -> str:
         return "both" if self.clicks and self.box else "clicks" if self.clicks else "box"
-
-
-class SliceData:
-    """Volumes, reference label maps (K, J, I), the structures in each, and the (slice, structure)
-    samples drawn from them, grouped by source and structure so that every structure of every
-    source is drawn as often as any other (the adrenal glands as often as the liver).
-
-    pairs / labels: one source from (volume, label map) pairs and label ids (None: all present).
-    """
-
-    def __init__(self, engine: Engine, pairs: list[tuple[Volume, np.ndarray]] = (), labels: list[int] | None = None,
-                 scales: Sequence[float] = (1.0,)) -> None:
-        self.engine = engine
-        self.scales = tuple(scales)
-        self.volumes: list[Volume] = []
-        self.references: list[np.ndarray] = []
-        self.structures: list[Structures] = []
-        self.slices: list[list[int]] = []  # per volume: the slices that may be encoded (samples and their slabs)
-        self.samples: list[Sample] = []
-        self.source_of: list[int] = []  # per volume: its source's index
-        self.source_names: list[str] = []
-        self.weights: list[float] = []
-        self.first_trained_block = 0
-        if pairs:
-            self.source_names.append("data")
-            self.weights.append(1.0)
-            for volume, reference in pairs:
-                present = set(np.unique(reference).tolist()) - {0}
-                chosen = present if labels is None else [v for v in labels if v in present]
-                self._add(volume, reference, {str(v): (int(v),) for v in sorted(chosen)}, 0, 1)
-            self._check()
-
-    @classmethod
-    def from_sources(cls, engine: Engine, sources: list[Source], scales: Sequence[float] = (1.0,)) -> "SliceData":
-        """Every case of every source, in each of the source's slice directions; checked before any encoding."""
-        data = cls(engine, scales=scales)
-        for index, source in enumerate(sources):
-            data.source_names.append(source.name)
-            data.weights.append(source.weight)
-            before = len(data.samples)
-            for case in source.cases:
-                volume = load_image(case.image, modality=source.preset)
-                reference = resample_labels_to(case.labels, volume)
-                structures = source.structures(case, set(np.unique(reference).tolist()))
-                for axis in source.axes:
-                    data._add(*reslice(volume, reference, axis), structures, index, source.stride)
-            if len(data.samples) == before:
-                raise MSAError(f"no training samples in source {source.name!r}: none of its cases holds the structures "
-                               f"asked for ({source.labels or 'all labels'}) on {MIN_SLICE_VOXELS} voxels of a slice")
-        data._check()
-        return data
-
-    def _add(self, volume: Volume, reference: np.ndarray, structures: Structures, source: int, stride: int) -> None:
-        for scale in self.scales:
-            zoomed, ref = zoom_in_plane(volume, reference, scale)
-            index = len(self.volumes)
-            labelled = np.nonzero((ref > 0).any(axis=(1, 2)))[0][::stride]  # slices far from any structure: none
-            self.volumes.append(zoomed)
-            self.references.append(ref)
-            self.structures.append(structures)
-            self.source_of.append(source)
-            self.slices.append([int(k) for k in labelled])
-            for name, ids in structures.items():
-                areas = np.isin(ref[labelled], ids).sum(axis=(1, 2))
-                self.samples += [Sample(index, int(k), name) for k in labelled[areas >= MIN_SLICE_VOXELS]]
-
-    def _check(self) -> None:
-        if not self.samples:
-            raise MSAError("no training samples: the chosen labels are absent or too small in the data")
-
-    def groups(self) -> list[tuple[int, list[list[int]]]]:
-        """Per source with samples: (source index, [sample indices of each of its structures])."""
-        by_key: dict[tuple[int, str], list[int]] = {}
-        for n, s in enumerate(self.samples):
-            by_key.setdefault((self.source_of[s.case], s.label), []).append(n)
-        sources = sorted({source for source, _ in by_key})
-        return [(source, [by_key[key] for key in sorted(by_key) if key[0] == source]) for source in sources]
-
-    def draw(self, rng: np.random.Generator, n: int) -> list[Sample]:
-        """n samples: a source by weight, then one of its structures, then one of that structure's slices."""
-        groups = self.groups()
-        weights = np.array([self.weights[source] for source, _ in groups])
-        out = []
-        for source in rng.choice(len(groups), size=n, p=weights / weights.sum()):
-            structures = groups[source][1]
-            members = structures[int(rng.integers(len(structures)))]
-            out.append(self.samples[members[int(rng.integers(len(members)))]])
-        return out
-
-    def slab(self, s: Sample, depth: int, rng: np.random.Generator) -> list[int]:
-        """Up to `depth` consecutive slices holding s.k, inside the run of encodable slices around it."""
-        ks = self.slices[s.case]
-        at = ks.index(s.k)
-        lo = hi = at
-        while lo > 0 and ks[lo - 1] == ks[lo] - 1 and hi - lo + 1 < 2 * depth:
-            lo -= 1
-        while hi + 1 < len(ks) and ks[hi + 1] == ks[hi] + 1 and hi - lo + 1 < 4 * depth:
-            hi += 1
-        first, last = max(ks[lo], s.k - depth + 1), min(s.k, ks[hi] - depth + 1)
-        start = int(rng.integers(first, last + 1)) if last >= first else ks[lo]
-        return [k for k in range(start, start + depth) if k <= ks[hi]]
-
-    def prepare(self, block: int | None, samples: list[Sample] | None = None) -> None:
-        """Encode, once and in batches, the trunks training reads (msa.store): the input of `block` (where
-        encoder adapters train from; None: the model's first adapted block) of every slice that may be read,
-        or of the slices of `samples` only."""
-        self.first_trained_block = block or 0
-        wanted = self.slices if samples is None else [sorted({s.k for s in samples if s.case == index})
-                                                      for index in range(len(self.volumes))]
-        for index, ks in enumerate(tqdm(wanted, desc="encoding volumes", unit="volume",
-                                        disable=not self.engine.progress or len(wanted) < 2)):
-            self.engine.ensure_trunks(self.volumes[index], ks, block)
-
-    def target(self, s: Sample) -> np.ndarray:
-        return np.isin(self.references[s.case][s.k], self.structures[s.case][s.label])
-
-    def geometry(self, s: Sample) -> SliceGeometry:
-        return self.engine.geometry(self.volumes[s.case])
-
-    def embeddings(self, samples: list[Sample], config: TrainConfig) -> torch.Tensor:
-        """(B, C, h, w): from the engine's cache, or through the (last blocks of the) encoder with gradients.
-
-        In 3D mode each sample's slice is encoded inside a slab of slab_depth slices around it.
-        """
-        model, depth = self.engine.model, self.engine.slab_depth
-        if config.encoder_blocks:
-            trunks = [self.engine.trunks(self.volumes[s.case], [s.k], self.first_trained_block) for s in samples]
-            inputs = torch.cat(trunks).to(model.device, torch.float32)
-            return model.image_encoder.from_block(inputs, self.first_trained_block)
-        if not config.train_encoder:
-            return torch.stack([self.engine.embeddings(self.volumes[s.case], [s.k])[0] for s in samples])
-        if depth == 1:
-            images = torch.cat([self.engine.model_input(self.volumes[s.case], [s.k]) for s in samples])
-            return model.encode(images.to(model.device))
-        out = []
-        for s in samples:
-            n = self.volumes[s.case].voxels.shape[0]
-            start = max(0, min(s.k - depth // 2, n - depth))
-            ks = list(range(start, min(start + depth, n)))
-            slab = self.engine.model_input(self.volumes[s.case], ks).to(model.device)
-            out.append(model.encode(slab, depth=len(ks))[ks.index(s.k)])
-        return torch.stack(out)
-
-
-def zoom_in_plane(volume: Volume, reference: np.ndarray, scale: float) -> tuple[Volume, np.ndarray]:
-    """The volume and its labels with a field of view `scale` times as wide (scale > 1: padding with the
-    image's minimum, i.e. air in CT; scale < 1: a centre crop), so structures look 1/scale as large."""
-    if scale == 1:
-        return volume, reference
-    voxels = volume.voxels
-    pads, crops = [(0, 0)] * voxels.ndim, [slice(None)] * voxels.ndim
-    for axis in (1, 2):  # (K, J, I[, 3]): rows and columns
-        n = voxels.shape[axis]
-        m = max(1, round(n * scale))
-        if m > n:
-            pads[axis] = ((m - n) // 2, m - n - (m - n) // 2)
-        else:
-            crops[axis] = slice((n - m) // 2, (n - m) // 2 + m)
-    voxels = np.pad(voxels[tuple(crops)], pads, constant_values=voxels.min())
-    reference = np.pad(reference[tuple(crops[:3])], pads[:3], constant_values=0)
-    zoomed = Volume(voxels=voxels, geometry=None, modality=volume.modality, source=f"{volume.source} x{scale:g}")
-    return zoomed, reference
 
 
 def _rank() -> tuple[int, int]:
@@ -421,7 +249,7 @@ class Trainer:
         else:
             samples = self.train.draw(rng, self.config.batch_size)
             with self.autocast:
-                embeddings = self.train.embeddings(samples, self.config).float()
+                embeddings = self.train.embeddings(samples, self.config.encoder_blocks, self.config.train_encoder).float()
         prompts = self._prompts(rng, samples, embeddings)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss(embeddings, samples, prompts)
@@ -450,7 +278,8 @@ class Trainer:
                                                                self.train.first_trained_block, len(ks)).float())
             for n, k in enumerate(ks):
                 sample = Sample(anchor.case, k, anchor.label)
-                if self.train.target(sample).sum() >= MIN_SLICE_VOXELS:
+                if (self.train.target(sample).sum() >= MIN_SLICE_VOXELS
+                        and (sample.case, sample.k, sample.label) not in self.train.held_out):
                     samples.append(sample)
                     rows.append(sum(len(e) for e in out[:-1]) + n)
         return samples, torch.cat(out)[rows]
@@ -541,27 +370,6 @@ def selection_score(record: dict) -> float:
     return (record["dice_click1"] + record["dice_box"]) / 2
 
 
-def split_validation(samples: list[Sample], every: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out every n-th sample (ordered by case, label, slice): validation slices interleave training ones."""
-    ordered = sorted(samples, key=lambda s: (s.case, s.label, s.k))
-    val = ordered[every - 1::every]
-    return [s for s in ordered if s not in val], val
-
-
-def spread(samples: list[Sample], data: SliceData, per_structure: int) -> list[Sample]:
-    """At most per_structure samples of each (source, structure), evenly spaced over its slices (0: all)."""
-    if not per_structure:
-        return samples
-    groups: dict[tuple[int, str], list[Sample]] = {}
-    for s in sorted(samples, key=lambda s: (s.case, s.k)):
-        groups.setdefault((data.source_of[s.case], s.label), []).append(s)
-    out = []
-    for members in groups.values():
-        picks = np.linspace(0, len(members) - 1, min(per_structure, len(members))).round().astype(int)
-        out += [members[p] for p in picks]
-    return out
-
-
 def write_curves(history: list[dict], out: Path) -> None:
     """TensorBoard scalars and a PNG of the curves next to the adapter file."""
     import matplotlib
@@ -613,15 +421,16 @@ def train_on(engine: Engine, data: SliceData, val: SliceData | None, out: str | 
     if val is None:
         val = data
         data.samples, val_samples = split_validation(data.samples, config.val_every_nth_slice)
+        data.held_out = {(s.case, s.k, s.label) for s in val_samples}  # 3D slabs must not train on them either
     else:
         val_samples = val.samples
     val_samples = spread(val_samples, val, config.val_per_structure)
-    trainer = Trainer(engine, data, val_samples, val, config, Path(out), teacher)  # checks the config first
     with _feature_store(engine):
+        trainer = Trainer(engine, data, val_samples, val, config, Path(out), teacher)  # checks the config first
         if not config.train_encoder:  # (which re-encodes images every step)
             block = len(engine.model.image_encoder.adapted_blocks()) - config.encoder_blocks if config.encoder_blocks \
                 else None  # decoder side only: the trunk each slice's fixed embedding is computed from
-            data.prepare(block)
+            data.prepare(block, slabs=trainer.slabs)
             val.prepare(block, val_samples)
         if resume:
             trainer.resume()

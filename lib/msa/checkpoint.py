@@ -7,6 +7,7 @@ model does not, or the model needs and the file lacks, is an error: nothing is d
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
@@ -18,6 +19,8 @@ import torch
 from .errors import CheckpointError
 from .modeling.adapter import AdapterConfig
 from .modeling.msa import MSA
+
+logger = logging.getLogger("msa")
 
 ADAPTER_FORMAT = "msa-adapters"
 ADAPTER_FORMAT_VERSION = 1
@@ -178,7 +181,8 @@ def read_adapter_metadata(path: str | Path) -> dict:
 def load_adapters(model: MSA, path: str | Path, allow_2d: bool = False) -> dict:
     """Load an adapter file into `model`, refusing one made for another backbone. Returns its metadata.
 
-    allow_2d: a 2D file may start a 3D model (to train its depth branch): the depth adapters stay zero.
+    allow_2d: a 2D file may go into a 3D model (to train its depth branch, or when no 3D file exists): the
+    depth adapters stay zero, so the model answers exactly as the 2D one (a warning says so).
     """
     payload = read_checkpoint(path)
     meta = payload.get("metadata", {}) if isinstance(payload, dict) else {}
@@ -205,6 +209,8 @@ def load_adapters(model: MSA, path: str | Path, allow_2d: bool = False) -> dict:
         raise CheckpointError(f"{path}: its tensors do not match the model's trainable parts")
     model.load_state_dict(state, strict=False)
     model.adapters_meta = {**meta, "sha256": _file_sha256(path)}
+    if from_2d:
+        logger.warning(f"{Path(path).name} holds 2D adapters: in this 3D model the depth branch adds nothing")
     return meta
 
 

@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(cases, labels, whole, names, preset, axes, stride, weight)")
     trainer.add_argument("--out", required=True, help="adapter file to write (best validation score)")
     trainer.add_argument("--val", action="append", default=[], metavar="DATA",
-                         help="a validation source, as DATA (repeatable; default: every 5th slice of DATA held out)")
+                         help="a validation source, as DATA (repeatable; default: every 5th (case, structure, slice) "
+                              "sample of DATA held out); --val-per-structure of each are scored")
     trainer.add_argument("--labels", help="labels of sources without their own labels= (default: all present)")
     trainer.add_argument("--val-labels", help="labels of validation sources without labels= (default: as --labels)")
     trainer.add_argument("--split", help="datalist key of the training sources (default: training)")

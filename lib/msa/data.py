@@ -248,8 +248,9 @@ def _default_name(data: str) -> str:
 
 
 def _case_number(case: Case) -> int | None:
+    """The first number in the image's name: btcv_07 -> 7, case_03_t2 -> 3."""
     digits = re.findall(r"\d+", case.name)
-    return int(digits[-1]) if digits else None
+    return int(digits[0]) if digits else None
 
 
 def _number_set(text: str, spec: str) -> set[int]:

@@ -118,7 +118,8 @@ class Engine:
     @torch.no_grad()
     def embeddings(self, volume: Volume, ks: list[int]) -> torch.Tensor:
         """(len(ks), C, h, w) image embeddings of slices ks, encoding only those not cached."""
-        model_key = self.model.encoder_key()
+        # Embeddings from stored (float16) trunks differ slightly from a full float32 pass: keep them apart.
+        model_key = (self.model.encoder_key(), self.store is not None)
         with self.cache.lock:  # one encoder run at a time; concurrent requests wait for the cache
             found = {k: self.cache.get((model_key, volume.key, volume.modality, k)) for k in ks} if self.use_cache else {}
             missing = [k for k in ks if found.get(k) is None]

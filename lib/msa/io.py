@@ -171,8 +171,8 @@ def load_labels(path: str | Path, volume: Volume) -> np.ndarray:
 def resample_labels_to(labels_path: str | Path, volume: Volume) -> np.ndarray:
     """A label file on ANY grid, resampled (nearest neighbour, by world coordinates) onto the volume's grid.
 
-    A label map that does not lie on the image (another case's, say) is refused rather than silently
-    cropped: less than half of its labelled volume falling inside the image is an error.
+    A label map none of whose labelled voxels falls inside the image (another scan's, say) is refused
+    rather than read as empty; one that covers more than the image (the image is a crop) is fine.
     """
     try:
         image = sitk.ReadImage(str(labels_path))
@@ -181,11 +181,9 @@ def resample_labels_to(labels_path: str | Path, volume: Volume) -> np.ndarray:
     out = sitk.Resample(image, volume.geometry, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
     labels = sitk.GetArrayFromImage(out)
     labels = (labels[None] if out.GetDimension() == 2 else labels).astype(np.int64)
-    before = np.count_nonzero(sitk.GetArrayViewFromImage(image)) * np.prod(image.GetSpacing())
-    after = np.count_nonzero(labels) * np.prod(volume.geometry.GetSpacing())
-    if before and after < 0.5 * before:
-        raise ImageError(f"{Path(labels_path).name} does not lie on the grid of {Path(volume.source).name}: only "
-                         f"{100 * after / before:.0f}% of its labelled volume falls inside the image")
+    if not labels.any() and np.any(sitk.GetArrayViewFromImage(image)):
+        raise ImageError(f"{Path(labels_path).name} does not lie on the grid of {Path(volume.source).name}: "
+                         "none of its labelled voxels falls inside the image")
     return labels
 
 

@@ -5,7 +5,10 @@ backbone (every adapter before that block adds nothing). It depends only on the 
 backbone's image encoder, the block index, the image content and its intensity preset, and those four
 name it:
 
-    ROOT/<encoder sha256[:16]>-block<index>/<volume sha1[:20]>-<preset>/<k>.npy   (float16)
+    ROOT/<encoder sha256[:16]>-block<index>/<volume sha1[:20]>-<preset>-<preprocessing>/<k>.npy   (float16)
+
+where <preprocessing> hashes the preset's parameters and STORE_VERSION (bumped whenever the way a
+slice becomes model input changes), so a store never serves trunks of other preprocessing.
 
 Any adapter file whose earlier blocks are zero (decoder-side adapters, adapters trained in the last
 N blocks, a 3D model whose depth branch starts at that block) computes its embeddings from the same
@@ -14,6 +17,7 @@ trunk in a fraction of an encoder pass. Files are written atomically; a reader n
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +26,8 @@ import numpy as np
 import torch
 
 from .errors import MSAError
+
+STORE_VERSION = 1  # bump when windowing, RGB conversion or resizing of slices changes
 
 
 class FeatureStore:
@@ -42,7 +48,10 @@ class FeatureStore:
 
     @staticmethod
     def image(volume_key: str, preset: str) -> str:
-        return f"{volume_key[:20]}-{preset}"
+        from .transforms import PRESETS
+
+        preprocessing = hashlib.sha1(f"{STORE_VERSION}:{PRESETS[preset]!r}".encode()).hexdigest()[:8]
+        return f"{volume_key[:20]}-{preset}-{preprocessing}"
 
     def path(self, space: str, image: str, k: int) -> Path:
         return self.root / space / image / f"{k}.npy"

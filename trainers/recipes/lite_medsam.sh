@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The recipe of the shipped LiteMedSAM adapters (README, "The shipped adapters"): run from the repository
-# root with the data in ../shared/data (or DATA=...). Stage "2d" trains lite_medsam_adapters.pt from the
-# backbone; stage "3d" starts lite_medsam_3d_adapters.pt from that file and trains the depth branch too.
+# root with the data in ../shared/data (or DATA=...). Stage "2d" trains from the backbone; "2d-brain"
+# continues a 2d file with the whole brain drawn more often (lite_medsam_adapters.pt); "3d" starts from
+# the 2d file and trains the depth branch too (lite_medsam_3d_adapters.pt).
 #
-#   trainers/recipes/lite_medsam.sh 2d OUT.pt [extra msa train options]
-#   trainers/recipes/lite_medsam.sh 3d OUT.pt --adapters 2D.pt [extra msa train options]
+#   trainers/recipes/lite_medsam.sh 2d 2d.pt [extra msa train options]
+#   trainers/recipes/lite_medsam.sh 2d-brain OUT.pt --adapters 2d.pt [extra msa train options]
+#   trainers/recipes/lite_medsam.sh 3d OUT.pt --adapters 2d.pt [extra msa train options]
 #
 # Encoder features go to $MSA_CACHE_DIR (default ~/.cache/msa/features): a rerun encodes nothing.
 set -euo pipefail
@@ -26,14 +28,15 @@ VAL_ASEG=$VAL_ASEG,Left-Putamen,Left-Cerebellum-Cortex,Brain-Stem
 sources=(
   "$D/btcv/datalist.json::weight=2"
   "$D/chaos_mr/datalist.json"
-  "$BRAIN::name=brain_whole::labels=none::whole=brain::axes=k,j::weight=0.5"
-  "$BRAIN::name=brain::labels=$ASEG::axes=k,j::weight=0.5"
+  "$BRAIN::name=brain_whole::labels=none::whole=brain::axes=k,j::weight=${WHOLE_BRAIN_WEIGHT:-0.5}"
+  "$BRAIN::name=brain::labels=$ASEG::axes=k,j::weight=${ASEG_WEIGHT:-0.5}"
   --val "$D/btcv/datalist.json" --val "$D/chaos_mr/datalist.json"
   --val "$BRAIN::name=brain::labels=$VAL_ASEG::whole=brain::axes=i"
   --val-per-structure 8 --encoder-blocks 2 --no-box-teacher --seed 0
   --cache-dir "${MSA_CACHE_DIR:-$HOME/.cache/msa/features}" --out "$out"
 )
 case $stage in
+  2d-brain) WHOLE_BRAIN_WEIGHT=1 ASEG_WEIGHT=0.25 exec "$0" 2d "$out" --steps 300 --lr 2e-4 "$@" ;;
   2d) exec "$MSA" train "${sources[@]}" --steps 600 --batch-size 8 --lr 3e-4 --eval-every 100 "$@" ;;
   3d) exec "$MSA" train "${sources[@]}" --three-d --slab-depth 8 --steps 200 --batch-size 16 --lr 3e-4 \
         --eval-every 100 "$@" ;;

@@ -148,7 +148,7 @@ def build_model(
     if state is not None:
         load_backbone_state(model, state, source=str(checkpoint))
     if adapters is not None:
-        load_adapters(model, adapters)
+        load_adapters(model, adapters, allow_2d=three_d)
     model.eval()
     if device is not None:
         model.to(device)
@@ -159,9 +159,12 @@ SHIPPED_ADAPTERS = Path(__file__).resolve().parent.parent / "weights"
 
 
 def default_adapters(name: str, three_d: bool = False) -> Path | None:
-    """The adapter file shipped for a backbone (trained by `msa train`, see README), if any."""
-    path = SHIPPED_ADAPTERS / f"{name}{'_3d' if three_d else ''}_adapters.pt"
-    return path if path.is_file() else None
+    """The adapter file shipped for a backbone (trained by `msa train`, see README), if any; in 3D without
+    a 3D file, the 2D one (its depth branch stays zero: 3D answers as 2D, and loading it says so)."""
+    for path in ([SHIPPED_ADAPTERS / f"{name}_3d_adapters.pt"] if three_d else []) + [SHIPPED_ADAPTERS / f"{name}_adapters.pt"]:
+        if path.is_file():
+            return path
+    return None
 
 
 def _spec(name: str) -> BackboneSpec:

@@ -104,23 +104,16 @@ class MSA(nn.Module):
     def backbone_hash(self) -> str:
         """SHA-256 of the frozen backbone's tensors: names an adapter file's backbone exactly."""
         if self._backbone_hash is None:
-            digest = hashlib.sha256()
-            for name, tensor in sorted(self.state_dict().items()):
-                if not self.is_trainable(name):
-                    digest.update(name.encode())
-                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            self._backbone_hash = digest.hexdigest()
+            self._backbone_hash = _digest((n, t) for n, t in self.state_dict().items()
+                                          if not self.is_trainable(n)).hexdigest()
         return self._backbone_hash
 
     def encoder_backbone_hash(self) -> str:
         """SHA-256 of what the image encoder computes before any adapter: its frozen tensors and the pixel
         normalisation. Stores of encoder features key on it (the decoder does not change them)."""
         if self._encoder_backbone_hash is None:
-            digest = hashlib.sha256()
-            for name, tensor in sorted(self.state_dict().items()):
-                if name.startswith("image_encoder.") and "_adapter." not in name:
-                    digest.update(name.encode())
-                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            digest = _digest((n, t) for n, t in self.state_dict().items()
+                             if n.startswith("image_encoder.") and "_adapter." not in n)
             for value in (*self.config.pixel_mean, *self.config.pixel_std):
                 digest.update(repr(float(value)).encode())
             self._encoder_backbone_hash = digest.hexdigest()
@@ -132,12 +125,8 @@ class MSA(nn.Module):
         Embedding caches key on it, so adapters that change only the decoder keep the cache valid.
         """
         if self._encoder_key is None:
-            digest = hashlib.sha256(self.backbone_hash().encode())
-            for name, tensor in sorted(self.image_encoder.state_dict().items()):
-                if "_adapter." in name:
-                    digest.update(name.encode())
-                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            self._encoder_key = digest.hexdigest()
+            self._encoder_key = _digest(((n, t) for n, t in self.image_encoder.state_dict().items() if "_adapter." in n),
+                                        hashlib.sha256(self.backbone_hash().encode())).hexdigest()
         return self._encoder_key
 
     def weights_changed(self) -> None:
@@ -170,9 +159,8 @@ class MSA(nn.Module):
         return (images - self.pixel_mean) / self.pixel_std
 
     def encoder_is_backbone(self) -> bool:
-        """True while every encoder adapter adds nothing (zero up-projection): the embeddings are the backbone's."""
-        return all(not tensor.any() for name, tensor in self.image_encoder.state_dict().items()
-                   if "_adapter.up." in name)
+        """True while every encoder adapter adds nothing: the embeddings are the backbone's."""
+        return self.first_adapted_block() == len(self.image_encoder.adapted_blocks())
 
     def decode(
         self,
@@ -207,6 +195,15 @@ class MSA(nn.Module):
         multimask_output: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decode(self.encode(images, depth), points, boxes, mask_inputs, multimask_output)
+
+
+def _digest(named_tensors, digest=None):
+    """SHA-256 over (name, tensor) pairs in name order (continuing `digest` if given)."""
+    digest = digest or hashlib.sha256()
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest
 
 
 def count_parameters(model: nn.Module) -> dict:
