@@ -136,9 +136,10 @@ class Engine:
                     out = self.model.encode(images, depth=depth)
                     self.encoded_slices += len(unit)
                 for k, emb in zip(unit, out):
-                    found[k] = emb
+                    # A compact copy: a view would keep the whole batch (a whole slab in 3D) alive after eviction.
+                    found[k] = emb.clone()
                     if self.use_cache:
-                        self.cache.put((model_key, volume.key, volume.modality, k), emb)
+                        self.cache.put((model_key, volume.key, volume.modality, k), found[k])
             return torch.stack([found[k] for k in ks])
 
     @torch.no_grad()

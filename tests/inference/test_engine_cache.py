@@ -168,3 +168,13 @@ def test_2d_model_ignores_slab_depth(tiny_model, ten_slices):
     assert engine.slab_depth == 1
     engine.predict(ten_slices, 5, box=BOX)
     assert engine.encoded_slices == 1
+
+
+def test_cached_entries_hold_only_their_own_memory(tiny_model_3d, ten_slices):
+    """The byte budget is the memory held: an entry is not a view into its slab's batch tensor (which
+    would keep all 4 slices alive after the other 3 are evicted)."""
+    engine = Engine(tiny_model_3d, slab_depth=4)
+    engine.embeddings(ten_slices, [0, 1, 2, 3])
+    for key in list(engine.cache._items):
+        entry = engine.cache.get(key)
+        assert entry.untyped_storage().nbytes() == entry.element_size() * entry.nelement()
