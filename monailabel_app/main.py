@@ -18,10 +18,10 @@ and ROI boxes, and active-learning retraining of the adapters.
 
 from __future__ import annotations
 
-import functools
-import hashlib
+import logging
 import os
 import sys
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 from monailabel.config import settings
@@ -32,7 +32,7 @@ from monailabel.utils.others.generic import remove_file
 
 from lib.activelearning import ConfidenceScoring, LeastConfident, RandomUnlabeled
 from lib.datastore import CheckedDatastore
-from lib.errors import NotFound
+from lib.errors import NotFound, Unavailable
 from lib.infers import RESULT_PREFIX, MSAInfer, VolumeCache
 from lib.models import ModelProvider
 from lib.names import check_name
@@ -44,23 +44,26 @@ from lib.trainers import MSATrain
 from msa.errors import MSAError
 
 
+logger = logging.getLogger(__name__)
 DEFAULT_LABELS = ("spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
                   "aorta", "inferior_vena_cava")
 
 
-@functools.lru_cache(maxsize=8)
-def _sha256(path: str, mtime_ns: int, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _cannot_start(error: Exception) -> None:
+    """One line and exit code 2: raising would be caught by uvicorn's start-up hook and reported as
+    a long traceback ending in "Application startup failed"."""
+    print(f"MSA app cannot start: {error}", file=sys.stderr, flush=True)
+    os._exit(2)
 
 
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file, computed once per (path, mtime, size): /info/ is asked on every infer."""
-    stat = os.stat(path)
-    return _sha256(str(path), stat.st_mtime_ns, stat.st_size)
+def _discard_late_result(future: Future) -> None:
+    """The result of an inference whose request timed out (answered 503): nobody will fetch it."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    result_file = future.result()[0]
+    folder = Path(result_file).parent
+    remove_file(str(folder) if folder.name.startswith(RESULT_PREFIX) else result_file)
+    logger.info("MSA: discarded the result of an inference that finished after its request timed out")
 
 
 class MSAApp(MONAILabelApp):
@@ -71,10 +74,7 @@ class MSAApp(MONAILabelApp):
             self.provider = ModelProvider(conf, Path(conf.get("model_dir", Path(app_dir) / "model")))
             self.policy = Policy.from_conf(conf, studies, settings.MONAI_LABEL_CORS_ORIGINS)
         except MSAError as exc:
-            # One line and exit code 2: raising would be caught by uvicorn's start-up hook and
-            # reported as a long traceback ending in "Application startup failed".
-            print(f"MSA app cannot start: {exc}", file=sys.stderr, flush=True)
-            os._exit(2)
+            _cannot_start(exc)
         self.volumes = VolumeCache()
         self.confidence = ConfidenceScoring(self.provider, self.volumes)  # the uncertainty strategy uses it too
         self.scoring_runner = ScoringRunner(self.scoring)
@@ -108,8 +108,15 @@ class MSAApp(MONAILabelApp):
         return None
 
     def on_init_complete(self) -> None:
-        # Only the server cleans up after a killed predecessor: a training subprocess builds this app
-        # too, and must not delete the upload the server is checking right now.
+        # Only the server builds the model now (a training subprocess builds this app too, and its own
+        # model): an adapters or checkpoint file that does not fit stops the server here, not at the
+        # first request. A published file that does not fit is set aside with a warning (lib/models.py).
+        try:
+            self.provider.engine()
+        except MSAError as exc:
+            _cannot_start(exc)
+        # Only the server cleans up after a killed predecessor: a training subprocess must not delete
+        # the upload the server is checking right now.
         self._datastore.remove_leftovers()
         # Subprocesses (training) reach the server on this port, not MONAI Label's default 8000.
         os.environ["MONAI_LABEL_SERVER_PORT"] = str(settings.MONAI_LABEL_SERVER_PORT)
@@ -129,31 +136,45 @@ class MSAApp(MONAILabelApp):
         """MONAI Label's /info/, plus `msa`: which backbone and adapters answer (the Slicer
         extension's "Test connection" shows them before any image is sent)."""
         meta = super().info()
-        adapters = self.provider.adapters_path()
+        adapters, sha256 = self.provider.served()  # as loaded: no file is read here (the event loop runs this)
         meta["msa"] = {"backbone": self.provider.backbone, "three_d": self.provider.three_d,
-                       "adapters": adapters.name if adapters else None,
-                       "adapters_sha256": _file_sha256(adapters) if adapters else None}
+                       "adapters": adapters.name if adapters else None, "adapters_sha256": sha256}
         return meta
 
-    def infer(self, request: dict, datastore=None) -> dict:
-        """MONAI Label's infer for datastore ids only: `image` is an id (never a server path; MONAI
-        Label's own infer treats any existing path as the image), params are checked before the
-        image is looked up, and the label is stored only under a tag that is a name."""
-        request = dict(request)
-        model, image_id = request.pop("model", None), request.pop("image", None)
+    def _infer_task(self, model: object) -> MSAInfer:
         task = self._infers.get(model) if isinstance(model, str) else None
         if task is None:
             raise NotFound(f"unknown model {str(model)[:60]!r}; this app serves {', '.join(self._infers)}")
-        params = InferParams.parse(request)
+        return task
+
+    def infer(self, request: dict, datastore=None) -> dict:
+        """MONAI Label's infer (a request dict of raw values): the model, then the params, checked."""
+        request = dict(request)
+        model, image_id = request.pop("model", None), request.pop("image", None)
+        self._infer_task(model)
+        return self.infer_checked(model, image_id, InferParams.parse(request), datastore)
+
+    def infer_checked(self, model: str, image_id: object, params: InferParams, datastore=None) -> dict:
+        """Infer for datastore ids only: `image` is an id (never a server path; MONAI Label's own
+        infer treats any existing path as the image), `params` were parsed before the image is
+        looked up (and are handed to the task as they are), and the label is stored only under a
+        tag that is a name."""
+        task = self._infer_task(model)
         image_id = check_name(image_id, "image")
         datastore = datastore or self.datastore()
         uri = datastore.get_image_uri(image_id)
         if not uri:
             raise NotFound(f"no image {image_id!r} in the datastore")
-        task_request = {**request, "image": uri, "description": task.description}
+        task_request = {"image": uri, "params": params, "description": task.description}
         if self._infers_threadpool:
             future = self._infers_threadpool.submit(task, task_request)
-            result_file, result_json = future.result(settings.MONAI_LABEL_INFER_TIMEOUT)
+            timeout = settings.MONAI_LABEL_INFER_TIMEOUT
+            if not wait([future], timeout).done:
+                if not future.cancel():  # it runs already: its result goes when it ends
+                    future.add_done_callback(_discard_late_result)
+                raise Unavailable(f"inference did not finish within {timeout} s (MONAI_LABEL_INFER_TIMEOUT): "
+                                  f"the server is busy; try again later")
+            result_file, result_json = future.result()
         else:
             result_file, result_json = task(task_request)
         label_id, tag = result_file, DefaultLabelTag.ORIGINAL.value

@@ -5,6 +5,10 @@ never leaves a half-written file.
   followed) inside the studies folder.
 - An upload goes to a staging folder inside the studies folder, is decoded in full and checked
   there (lib/imagefiles.py), and is then renamed into place: a refused upload changes nothing.
+- An image uploaded under an id that has labels replaces the old image only on the grid of those
+  labels, and keeps them; on another grid it is refused (422): the labels would no longer lie on
+  their image, and they are a person's work, so they are never dropped silently. Remove them first
+  (DELETE /datastore/label) or upload under a new id.
 - datastore_v2.json is written to a temp file and renamed; every change to the in-memory record
   holds one lock, so the scoring thread and request threads cannot lose each other's writes.
 """
@@ -26,6 +30,8 @@ from typing import IO, Any
 import SimpleITK as sitk
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+
+from msa.errors import MSAError
 
 from .errors import NotFound
 from .imagefiles import Grid, check_image_file, check_label_file, suffix_of
@@ -77,18 +83,35 @@ class CheckedDatastore(LocalDatastore):
         name = check_name(image_id, "image id")
         info = dict(info or {})  # the client's keys were checked by the route (lib/params.check_info)
         with self._staged(source, f"{name}{suffix}") as staged:
-            check_image_file(staged, f"image {name!r}", self.max_image_bytes)
+            grid = check_image_file(staged, f"image {name!r}", self.max_image_bytes)
             with self._mutex, FileLock(self._lock_file):
-                dest = inside(self.root, self.root / self._datastore.images_dir / staged.name, f"image {name!r}")
                 old = self._datastore.objects.get(name)
+                labels = dict(old.labels) if old is not None else {}
+                self._check_labels_fit(name, grid, labels)  # before anything changes
+                dest = inside(self.root, self.root / self._datastore.images_dir / staged.name, f"image {name!r}")
                 os.replace(staged, dest)
                 if old is not None and old.image.ext != suffix:  # same id, other file type: one file per id
                     inside(self.root, dest.with_name(name + old.image.ext), "old image").unlink(missing_ok=True)
                 info.update(ts=int(time.time()), name=dest.name)
-                self._datastore.objects[name] = ImageLabelModel(image=DataModel(info=info, ext=suffix))
+                self._datastore.objects[name] = ImageLabelModel(image=DataModel(info=info, ext=suffix), labels=labels)
                 self._update_datastore_file(lock=False)
         logger.info(f"stored image {name!r} ({suffix})")
         return name
+
+    def _check_labels_fit(self, name: str, grid: Grid, labels: dict[str, DataModel]) -> None:
+        """MSAError (422) unless every stored label of image `name` lies on `grid` (a new image's)."""
+        for tag in sorted(labels):
+            uri = self.get_label_uri(name, tag)
+            if not uri or not os.path.isfile(uri):
+                continue  # listed but gone: nothing to keep in line
+            try:
+                problem = grid.mismatch(_grid_of(uri))
+            except Exception:  # ITK's message is long and names server paths
+                problem = "that label file cannot be read"
+            if problem:
+                raise MSAError(f"image {name!r} has a {tag!r} label on another grid ({problem}): the new image "
+                               f"would not match its labels; remove them first (DELETE /datastore/label?id={name}"
+                               f"&tag={tag}) or upload the image under a new id")
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         with open(label_filename, "rb") as source:

@@ -41,6 +41,10 @@ class UnsupportedFile(MSAError):
     """An upload that is not a file type the server stores, or not multipart/form-data."""
 
 
+class Unavailable(MSAError):
+    """The server cannot answer now (an inference that ran past MONAI_LABEL_INFER_TIMEOUT)."""
+
+
 # First match in this order wins; MSAError itself (prompts, params, images that fail a check) is 422.
 STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (BadRequest, 400),
@@ -52,6 +56,7 @@ STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (Busy, 429),
     (PayloadTooLarge, 413),
     (UnsupportedFile, 415),
+    (Unavailable, 503),
     (MSAError, 422),
 )
 

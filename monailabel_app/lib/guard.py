@@ -133,7 +133,9 @@ class RequestGuard:
 
     def _check_body_headers(self, rule: Rule, headers: Headers) -> None:
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self._limit(rule)):
+        if length is not None and not (length.isascii() and length.isdigit()):
+            raise BadRequest(f"Content-Length {length[:20]!r} is not a number of bytes")
+        if length is not None and int(length) > self._limit(rule):
             raise PayloadTooLarge(f"request body of {length[:20]} bytes; this route takes at most "
                                   f"{self._limit(rule)} bytes (--conf max_upload_mb for uploads)")
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()

@@ -68,9 +68,12 @@ class MSAInfer(InferTask):
         return True
 
     def __call__(self, request: dict) -> tuple[str, dict]:
-        """`request`: the app's checked params plus `image` (a path inside the studies folder)."""
+        """`request`: `image` (a path inside the studies folder) and `params`, the InferParams the app
+        parsed (main.MSAApp.infer_checked); a request of raw values instead is parsed here."""
         started = time.perf_counter()
-        params = InferParams.parse({k: v for k, v in request.items() if k not in ("image", "description", "model")})
+        params = request.get("params")
+        if not isinstance(params, InferParams):
+            params = InferParams.parse({k: v for k, v in request.items() if k not in ("image", "description", "model")})
         volume = self.volumes.load(request["image"])
         # Every prompt against the image before the encoder runs: a bad one costs no encoding.
         k = params.check_against(volume.shape_ijk, self.dimension, self.labels)

@@ -1,4 +1,5 @@
-"""The app's one model: built from the --conf options, reloaded when new adapters are published."""
+"""The app's one model: built from the --conf options when the server starts, rebuilt when training
+publishes new adapters."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import os
 import threading
 from pathlib import Path
 
-from msa import build_model
+from msa import build_model, load_adapters
 from msa.engine import Engine
 from msa.errors import MSAError
 from msa.modeling.build import BACKBONES, default_adapters
+from msa.modeling.msa import MSA
 
 logger = logging.getLogger(__name__)
 
@@ -23,13 +25,32 @@ def conf_bool(conf: dict, key: str, default: bool) -> bool:
     return value in ("true", "1", "yes")
 
 
+def _file_stamp(path: Path | None) -> tuple | None:
+    if path is None:
+        return None
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if isinstance(error, MSAError) and text else f"{type(error).__name__}: {text}"
+
+
 class ModelProvider:
     """Owns the engine; infer, scoring and train tasks all ask it for the current one.
 
-    Adapters: the file published by training (model_dir/msa_adapters.pt) when there is one, else
-    the --conf adapters file, else the adapters shipped with msa for the backbone. The published
-    file is checked on every request (its mtime); a new one is loaded into a fresh engine that
-    shares the old engine's embedding cache (keyed by the encoder's weights, so nothing stale).
+    Adapters: the base adapters (the --conf adapters file, else the adapters shipped with msa for the
+    backbone and mode) are loaded first: a base file that does not fit is an error, and the server
+    does not start (`engine()` is called at start-up). Then the file published by training
+    (model_dir/msa_adapters.pt), when there is one and it fits the backbone and 2D/3D mode: one that
+    does not (an older format, another backbone or mode) is reported in one warning and left where
+    it is, and the base adapters serve. The published file is checked on every request (its mtime
+    and size); a new one is loaded into a fresh engine that shares the old engine's embedding cache
+    (keyed by the encoder's weights, so nothing stale).
     """
 
     def __init__(self, conf: dict, model_dir: Path) -> None:
@@ -51,27 +72,70 @@ class ModelProvider:
         self.base_adapters = Path(configured) if configured else default_adapters(self.backbone, self.three_d)
         self._lock = threading.Lock()
         self._engine: Engine | None = None
+        self._current: tuple[Engine, Path | None] | None = None  # the engine and its adapter file, as one
         self._loaded_stamp: tuple | None = None
 
-    def adapters_path(self) -> Path | None:
-        return self.published if self.published.is_file() else self.base_adapters
+    @property
+    def mode(self) -> str:
+        return "3D" if self.three_d else "2D"
 
-    def _stamp(self) -> tuple | None:
-        path = self.adapters_path()
-        if path is None:
+    def build(self) -> tuple[MSA, Path | None]:
+        """A model with the adapters to serve, and that file: the published one if it fits, else the
+        base adapters. MSAError if the backbone or the base adapters cannot be loaded."""
+        model = build_model(self.backbone, checkpoint=self.checkpoint, three_d=self.three_d)
+        served = self.base_adapters
+        if served is not None:
+            try:
+                load_adapters(model, served)
+            except Exception as error:
+                raise MSAError(f"the base adapters do not fit {self.backbone} ({self.mode}): {_one_line(error)}"
+                               ) from None
+        if self.published.is_file():
+            problem = self._load_published(model)
+            if problem is None:
+                served = self.published
+            else:
+                logger.warning(f"MSA: the published adapters {self.published} do not fit {self.backbone} "
+                               f"({self.mode}): {problem}. Serving the base adapters "
+                               f"{self.base_adapters or '(none)'} instead; the file is left as it is (train "
+                               f"again to replace it, or remove it)")
+        if self.device is not None:
+            model.to(self.device)
+        return model, served
+
+    def _load_published(self, model: MSA) -> str | None:
+        """Load the published file into `model`; on any failure put the model back as it was and
+        say why in one line (the file is a user's: an old format, another backbone, damaged)."""
+        before = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+        meta = model.adapters_meta
+        try:
+            load_adapters(model, self.published)
             return None
-        stat = os.stat(path)
-        return str(path), stat.st_mtime_ns, stat.st_size
+        except Exception as error:
+            model.load_state_dict(before, strict=False)
+            model.adapters_meta = meta
+            return _one_line(error).replace(f"{self.published}: ", "").replace(f"{self.published} ", "")
+
+    def _stamp(self) -> tuple:
+        return _file_stamp(self.published), _file_stamp(self.base_adapters)
 
     def engine(self) -> Engine:
         with self._lock:
             stamp = self._stamp()
             if self._engine is None or stamp != self._loaded_stamp:
-                adapters = self.adapters_path()
-                logger.info(f"MSA: loading {self.backbone} with adapters {adapters}")
-                model = build_model(self.backbone, checkpoint=self.checkpoint, adapters=adapters,
-                                    three_d=self.three_d, device=self.device)
+                logger.info(f"MSA: loading {self.backbone} ({self.mode})")
+                model, served = self.build()
                 cache = self._engine.cache if self._engine is not None else None
                 self._engine = Engine(model, cache_bytes=self.cache_bytes, cache=cache)
-                self._loaded_stamp = stamp
+                self._current, self._loaded_stamp = (self._engine, served), stamp
+                sha = (model.adapters_meta or {}).get("sha256")
+                logger.info(f"MSA: serving adapters {served or '(none: the bare backbone)'}"
+                            + (f" (sha256 {sha[:12]})" if sha else ""))
             return self._engine
+
+    def served(self) -> tuple[Path | None, str | None]:
+        """The adapter file the current engine holds and its sha256 (as loaded). Loads nothing and
+        takes no lock: /info/ runs on the event loop and must not wait for a model being built."""
+        current = self._current
+        meta = current[0].model.adapters_meta if current is not None else None
+        return (current[1], meta.get("sha256")) if meta else (None, None)

@@ -118,10 +118,9 @@ def run_inference(background_tasks: BackgroundTasks, model: str, image: str = ""
         raise MSAError("sessions are not used by this app: infer with ?image=<datastore id>")
     if output == infer.ResultType.dicom_seg:
         raise MSAError("output=dicom_seg needs a DICOMweb datastore; use image, json or all")
-    values = parse_json_object(params, "params")
-    InferParams.parse(values)  # keys and types, before the app looks anything up
+    checked = InferParams.parse(parse_json_object(params, "params"))  # before the app looks anything up
     instance = app_instance()
-    result = instance.infer({**values, "model": model, "image": image})
+    result = instance.infer_checked(model, image, checked)
     folder = Path(result["file"]).parent if result.get("file") else None
     if folder is not None and folder.name.startswith(RESULT_PREFIX):
         background_tasks.add_task(remove_file, str(folder))  # after the answer is sent

@@ -16,7 +16,7 @@ from urllib.parse import unquote
 from msa.errors import MSAError
 
 from .errors import MethodNotAllowed, NotFound
-from .names import check_name
+from .names import check_name, is_name
 
 BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 CHECKSUM = re.compile(r"(?:(?:sha256|sha1|md5):)?[0-9a-f]{32,128}", re.IGNORECASE)
@@ -67,32 +67,21 @@ class Rule:
 
     def check_path(self, groups: dict[str, str]) -> None:
         for key, value in groups.items():
-            if not self.template.count(f"{{{key}:path}}") and not _is_name(value):
+            if not self.template.count(f"{{{key}:path}}") and not is_name(value):
                 raise NotFound(f"no {key} {unquote(value)[:60]!r} here ({key}s are names)")
 
 
-def _is_name(value: str) -> bool:
-    try:
-        check_name(value, "name")
-        return True
-    except MSAError:
-        return False
-
-
-def _refuse(kind: Callable[[str], MSAError], reason: str) -> tuple[Callable[[str], MSAError], str]:
-    return kind, reason
-
-
-NO_SESSIONS = _refuse(NotFound, "sessions are not used by this app: upload the image with PUT /datastore/image "
-                                "and infer with ?image=<id>")
-NO_DICOMWEB = _refuse(NotFound, "this server has a local datastore: no DICOMweb proxy, no OHIF viewer")
-NO_WSI = _refuse(NotFound, "whole-slide (WSI) inference is not served by this app")
-NO_BATCH = _refuse(MethodNotAllowed, "batch inference is not served by this app (it would run every image "
-                                     "through the model); infer one image at a time")
-NO_MODEL_UPLOAD = _refuse(MethodNotAllowed, "model files are not uploaded or deleted over HTTP: training "
-                                            "publishes adapters; restart with --conf adapters FILE to use others")
-NO_RELOAD = _refuse(NotFound, "reloading the app over HTTP is not served (restart the server)")
-NO_GPU_INFO = _refuse(NotFound, "GPU information is not served")
+# Refused routes: (the error raised, its message).
+NO_SESSIONS = (NotFound, ("sessions are not used by this app: upload the image with PUT /datastore/image "
+                          "and infer with ?image=<id>"))
+NO_DICOMWEB = (NotFound, "this server has a local datastore: no DICOMweb proxy, no OHIF viewer")
+NO_WSI = (NotFound, "whole-slide (WSI) inference is not served by this app")
+NO_BATCH = (MethodNotAllowed, ("batch inference is not served by this app (it would run every image "
+                               "through the model); infer one image at a time"))
+NO_MODEL_UPLOAD = (MethodNotAllowed, ("model files are not uploaded or deleted over HTTP: training "
+                                      "publishes adapters; restart with --conf adapters FILE to use others"))
+NO_RELOAD = (NotFound, "reloading the app over HTTP is not served (restart the server)")
+NO_GPU_INFO = (NotFound, "GPU information is not served")
 
 OUTPUT_INFER = Param("choice", choices=("image", "json", "all", "dicom_seg"))
 

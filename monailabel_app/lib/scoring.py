@@ -58,6 +58,3 @@ class ScoringRunner:
             logger.error(f"scoring {methods} failed: {error}", exc_info=error)
             task["status"], task["error"] = "ERROR", str(error)
         task["end_ts"] = _now()
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)

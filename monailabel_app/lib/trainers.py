@@ -95,9 +95,7 @@ class MSATrain(TrainTask):
         for leftover in (draft, draft.with_name(draft.name + ".state")):
             leftover.unlink(missing_ok=True)  # a killed run's draft: start clean
 
-        model = build_model(self.provider.backbone, checkpoint=self.provider.checkpoint,
-                            adapters=self.provider.adapters_path(), three_d=self.provider.three_d,
-                            device=self.provider.device)
+        model, _ = self.provider.build()  # the adapters in service (a published file that does not fit is not)
         # Boxes keep the backbone's answer; its depth branch is zero, so the teacher is the 2D backbone.
         teacher = build_model(self.provider.backbone, checkpoint=self.provider.checkpoint, device=self.provider.device)
         started = run["start_ts"]

@@ -6,7 +6,8 @@ NRRD that names a server file) and sends them to one `monailabel start_server`.
 Every answer must be below 500; every refused one (4xx) must leave the studies folder byte for byte
 as it was. Valid requests are allowed to succeed (a 2x2-slice image keeps real inference cheap).
 At the end nothing may lie outside the studies folder, nor in the server's temp folder.
-Bounded: MAX_EXAMPLES requests, derandomized (the same requests every run), no example database.
+Bounded by Hypothesis's settings alone: MAX_EXAMPLES requests, no deadline, derandomized (the same
+requests every run), no example database. Its duration is reported, never asserted.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from app_helpers import Server, files_under, sha256_tree, start_server, stop_ser
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-MAX_EXAMPLES = 300
-TIME_BUDGET = 240.0  # seconds for the whole fuzzing run (it stays far below on a 2-core CPU)
+MAX_EXAMPLES = 300  # the bound on the run: requests, not seconds (no wall-clock limits on a shared machine)
 TINY = "tiny"  # a 40 x 40 x 2 CT crop: the one image the fuzzed requests may really segment
 LOGS = ("app.log", "server.out", "logging.json")
 TORCH_CACHE = "torchinductor_"
@@ -228,7 +228,6 @@ def test_fuzzed_requests_never_fail_the_server_nor_change_the_datastore_when_ref
               suppress_health_check=list(HealthCheck))
     @given(request=requests_())
     def one(request: dict) -> None:
-        assert time.monotonic() - payloads.started < TIME_BUDGET, f"fuzzing ran over {TIME_BUDGET} s"
         before = sha256_tree(server.studies)
         answer = send(server, session, payloads, request)
         payloads.stats[answer.status_code] += 1

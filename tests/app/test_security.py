@@ -269,3 +269,33 @@ def _result_folder_goes(ctx: Context, timeout: float = 10) -> bool:
 def test_error_messages_do_not_leak_server_paths(ctx: Context):
     answer = expect_refused(ctx, 415, lambda: put_image(ctx, "gz", gzip.compress(b"not a nifti" * 100)))
     assert str(ctx.server.studies) not in answer.text and "/tmp" not in answer.text, answer.text
+
+
+# -- an image replaced under its id keeps its labels in line --------------------------------------------
+
+def test_an_image_on_another_grid_does_not_replace_one_with_labels(ctx: Context):
+    """The main image has a final label on its 122 x 101 x 8 grid: an upload of the 4-slice CT
+    under its id would leave that label on no image's grid. Refused; nothing changes."""
+    answer = expect_refused(ctx, 422, lambda: put_image(ctx, MAIN_ID, ctx.study.fresh.read_bytes()))
+    assert "final" in answer.json()["detail"] and "grid" in answer.json()["detail"], answer.text
+    label = requests.get(f"{ctx.url}/datastore/label", params={"label": MAIN_ID, "tag": "final"}, timeout=60)
+    assert label.status_code == 200 and label.content == ctx.study.spleen.read_bytes()
+
+
+def test_an_image_on_the_same_grid_replaces_the_old_one_and_keeps_its_labels(ctx: Context, tmp_path: Path):
+    """Same id, same grid (here the same CT as a NIfTI without compression): the image is replaced,
+    the final label stays, on disk and in the datastore's record (it used to vanish from the record
+    while its file stayed, to come back at the next start)."""
+    import SimpleITK as sitk
+
+    uncompressed = tmp_path / "same_grid.nii"
+    sitk.WriteImage(sitk.ReadImage(str(ctx.study.image)), str(uncompressed), useCompression=False)
+    answer = put_image(ctx, MAIN_ID, uncompressed.read_bytes(), filename="x.nii")
+    assert answer.status_code == 200, answer.text[:300]
+    assert (ctx.server.studies / f"{MAIN_ID}.nii").is_file() and not (ctx.server.studies / f"{MAIN_ID}.nii.gz").exists()
+    label = requests.get(f"{ctx.url}/datastore/label", params={"label": MAIN_ID, "tag": "final"}, timeout=60)
+    assert label.status_code == 200 and label.content == ctx.study.spleen.read_bytes(), label.text[:300]
+    record = json.loads((ctx.server.studies / "datastore_v2.json").read_text())["objects"][MAIN_ID]
+    assert record["image"]["ext"] == ".nii" and "final" in record["labels"], record
+    listed = requests.get(f"{ctx.url}/datastore/", params={"output": "all"}, timeout=60).json()
+    assert "final" in listed["objects"][MAIN_ID]["labels"], listed["objects"][MAIN_ID]
