@@ -30,7 +30,8 @@ demo: venv
 	@echo "In 3D Slicer: add this repository's MSAExtension folder in Application Settings > Modules, open"
 	@echo "the module 'MSA (Medical SAM Adapter)', press 'Test connection' (http://127.0.0.1:$(PORT)), then"
 	@echo "'Next sample' and 'Segment with MSA', and click in an organ (README.md: Use it in 3D Slicer)."
-	@echo "The stock MONAILabel plugin and any MONAI Label client work too (models msa and msa_2d)."
+	@echo "The stock MONAILabel plugin works only on images already in the datastore (its Next Sample): this"
+	@echo "server refuses sessions and image files sent with an infer request (models msa and msa_2d)."
 	@echo ""
 	PATH="$(abspath $(BIN)):$$PATH" monailabel start_server --app monailabel_app --studies $(STUDIES) --host 127.0.0.1 --port $(PORT)
 

@@ -9,6 +9,7 @@ that needs no Qt lives in MSAExtensionLib and is tested headless against a real 
 import logging
 import os
 import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import qt
@@ -18,7 +19,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from MSAExtensionLib import (DEFAULT_URL, EditorLogicTarget, MSAClient, MSAClientError, Prompts, Segmenter,
+from MSAExtensionLib import (DEFAULT_URL, EditorLogicTarget, ImageLost, MSAClient, MSAClientError, Prompts, Segmenter,
                              connection_summary, fetch_sample, make_editor_logic, mark_server_image, prepare_label,
                              prompt_nodes, reset_prompts, send_label, shortcuts_html, train_progress)
 
@@ -87,8 +88,39 @@ class MSAExtensionLogic(ScriptedLoadableModuleLogic):
         self.url = str(qt.QSettings().value(URL_SETTING, DEFAULT_URL) or DEFAULT_URL)
         self._segmenter = None
         self.info = None
-        self.dimension = 3  # the effect's mode: 3 = msa (propagate), 2 = msa_2d (one slice)
+        self._dimension = 3
+        self._dimensionListeners = []  # weak references to callables(dimension)
         self.requests = LatestRequestWorker()  # the effect's clicks: newest wins
+
+    # The one mode of the session: 3 = msa (propagate), 2 = msa_2d (one slice). The panel's model
+    # choice, the effect's buttons and its T key set it; the effect reads it for every request, and
+    # the widgets showing it are told of each change.
+
+    @property
+    def dimension(self):
+        return self._dimension
+
+    @dimension.setter
+    def dimension(self, value):
+        value = 2 if int(value) == 2 else 3
+        if value == self._dimension:
+            return
+        self._dimension = value
+        for reference in list(self._dimensionListeners):
+            listener = reference()
+            if listener is None:
+                self._dimensionListeners.remove(reference)
+            else:
+                listener(value)
+
+    def addDimensionListener(self, listener):
+        """listener(dimension) after each change; held weakly (a closed panel or effect drops out)."""
+        self.removeDimensionListener(listener)
+        self._dimensionListeners.append(weakref.WeakMethod(listener) if hasattr(listener, "__self__")
+                                        else weakref.ref(listener))
+
+    def removeDimensionListener(self, listener):
+        self._dimensionListeners = [r for r in self._dimensionListeners if r() is not None and r() != listener]
 
     def setUrl(self, url):
         url = url.strip()
@@ -110,6 +142,7 @@ class MSAExtensionLogic(ScriptedLoadableModuleLogic):
         info = client.info()
         models = client.msa_models(info)
         self.info = info
+        self.segmenter.images.forget()  # a restarted server may lack what it had: look again (HEAD)
         return connection_summary(info, models), models, list(info.get("strategies", {}))
 
     def segment(self, volumeNode, segmentationNode, segmentId, prompts, dimension=3, sliceK=None, editorNode=None):
@@ -177,14 +210,14 @@ class MSAExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.serverUrlLineEdit.text = self.logic.url
         self.ui.shortcutsLabel.text = shortcuts_html()
-        self.ui.modelComboBox.addItem("msa (3D, propagate)", "msa")
-        self.ui.modelComboBox.addItem("msa_2d (2D, one slice)", "msa_2d")
+        self.setModels(["msa", "msa_2d"])
         for name in ("random", "first", "uncertainty"):
             self.ui.strategyComboBox.addItem(name)
 
         self.ui.serverUrlLineEdit.connect("editingFinished()", self.onUrlChanged)
         self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.logic.addDimensionListener(self.onDimensionChanged)  # the effect's T key and buttons
         self.ui.segmentEditorButton.connect("clicked(bool)", self.onSegmentEditor)
         self.ui.resetClicksButton.connect("clicked(bool)", self.onResetClicks)
         self.ui.nextSampleButton.connect("clicked(bool)", self.onNextSample)
@@ -203,6 +236,8 @@ class MSAExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer.stop()
         self.trainTimer.stop()
         self.removeObservers()
+        if self.logic is not None:
+            self.logic.removeDimensionListener(self.onDimensionChanged)
         self.tasks.shutdown(wait=False)
 
     # -- tasks off the GUI thread ------------------------------------------------------------
@@ -257,9 +292,7 @@ class MSAExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def shown(answer):
             summary, models, strategies = answer
             self.ui.connectionLabel.text = summary
-            self.ui.modelComboBox.clear()
-            for name in models:
-                self.ui.modelComboBox.addItem(f"{name} ({'3D, propagate' if name == 'msa' else '2D, one slice'})", name)
+            self.setModels(models)
             self.ui.strategyComboBox.clear()
             for name in strategies:
                 self.ui.strategyComboBox.addItem(name)
@@ -270,9 +303,38 @@ class MSAExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.connectionLabel.text = f"Connecting to {self.logic.url}..."
         self.run("Test connection", self.logic.connect, shown, failed)
 
+    @staticmethod
+    def modelDimension(name):
+        return 2 if (name or "").endswith("2d") else 3
+
+    def setModels(self, models):
+        """The model choice lists the server's MSA models and shows the session's mode (the shared
+        logic's dimension); a server without the model of that mode switches the mode."""
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for name in models:
+            combo.addItem(f"{name} ({'2D, one slice' if self.modelDimension(name) == 2 else '3D, propagate'})", name)
+        combo.blockSignals(wasBlocked)
+        if models and not any(self.modelDimension(name) == self.logic.dimension for name in models):
+            self.logic.dimension = self.modelDimension(models[0])
+        self.onDimensionChanged(self.logic.dimension)
+
     def onModelChanged(self, index):
-        name = self.ui.modelComboBox.itemData(index) or ""
-        self.logic.dimension = 2 if name.endswith("2d") else 3
+        """The user picked a model: it becomes the session's mode, which the MSA effect uses."""
+        if index < 0:
+            return
+        self.logic.dimension = self.modelDimension(self.ui.modelComboBox.itemData(index))
+
+    def onDimensionChanged(self, dimension):
+        """The mode changed (here, or in the effect): select its model without re-emitting."""
+        combo = self.ui.modelComboBox
+        for index in range(combo.count):
+            if self.modelDimension(combo.itemData(index)) == dimension:
+                wasBlocked = combo.blockSignals(True)
+                combo.currentIndex = index
+                combo.blockSignals(wasBlocked)
+                return
 
     # -- segmentation ------------------------------------------------------------------------
 
@@ -340,7 +402,7 @@ class MSAExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.run("Next sample", lambda: self.logic.fetchSample(strategy), load)
 
-    def onSubmitLabel(self):
+    def onSubmitLabel(self, _checked=False, retried=False):
         volume, segmentation = self.currentNodes()
         if volume is None or segmentation is None:
             self.status("Select the volume and its segmentation first.")
@@ -350,8 +412,13 @@ class MSAExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except MSAClientError as exc:
             self.status(str(exc))
             return
+
+        def failed(error):
+            if isinstance(error, ImageLost) and not retried:  # the server lost the image: upload it again
+                self.onSubmitLabel(retried=True)
+
         self.run("Submit label", lambda: self.logic.sendLabel(prepared),
-                 lambda answer: self.status(f"Label saved on the server for image {answer.get('image')}."))
+                 lambda answer: self.status(f"Label saved on the server for image {answer.get('image')}."), failed)
 
     def onTrain(self):
         def started(_answer):

@@ -15,3 +15,9 @@ class MSAClientError(Exception):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status  # the HTTP status when the server answered, else None
+
+
+class ImageLost(MSAClientError):
+    """The server answered 404 for an image this client had uploaded, and a look-up confirms it is gone
+    (a restart with another studies folder at the same URL, the image deleted). The client has
+    forgotten the id: preparing the request again copies the voxels, and sending it uploads them."""

@@ -3,7 +3,11 @@
 The image id is `slicer-<sha256 of voxels + voxel type + grid + IJK->RAS>[:24]`, so a second click,
 a reloaded scene or another Slicer session on the same data finds the image on the server (HEAD
 /datastore/image) instead of uploading it again. An image that came FROM the server ("Next sample")
-carries its server id in node attributes and is never uploaded.
+carries its server id in node attributes and is not uploaded while the server has it.
+
+The ids this client has seen on the server are remembered (no look-up per click), and that memory
+is checked whenever the server answers 404: a server restarted with another studies folder at the
+same URL, or an image deleted, costs one upload, not a dead end (`ServerImages.call`).
 """
 
 from __future__ import annotations
@@ -11,17 +15,19 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import numpy as np
 from vtk.util import numpy_support
 
 from . import nrrd
 from .client import MSAClient
-from .errors import MSAClientError
+from .errors import ImageLost, MSAClientError
 from .geometry import ijk_to_ras
 
 ID_ATTRIBUTE = "MSA.ServerImageID"  # set on volumes loaded from the server
 HASH_ATTRIBUTE = "MSA.ServerImageHash"  # their content hash when loaded: edited voxels upload anew
+T = TypeVar("T")
 
 
 def volume_array(volume_node) -> np.ndarray:
@@ -62,6 +68,7 @@ class ServerImages:
     def __init__(self, client: MSAClient) -> None:
         self.client = client
         self._known: set[str] = set()  # ids this object has seen on the server
+        self._lost: set[str] = set()  # ids the server was found to lack (404 + HEAD): upload without asking again
         self._hashes: dict[tuple, str] = {}  # (node id, image MTime, node MTime) -> digest
         self._lock = threading.Lock()
 
@@ -94,23 +101,60 @@ class ServerImages:
         with self._lock:
             if prepared.image_id in self._known:
                 return prepared.image_id
-        if not self.client.image_exists(prepared.image_id):
-            if prepared.array is None:  # the server lost it (datastore cleared) since we looked
-                raise MSAClientError(f"the server no longer has image {prepared.image_id!r}; click again to upload it")
-            content = nrrd.write(prepared.array, prepared.matrix)
-            self.client.upload_image(prepared.image_id, f"{prepared.image_id}.nrrd", content)
+            lost = prepared.image_id in self._lost and prepared.array is not None
+        if lost or not self.client.image_exists(prepared.image_id):
+            self._upload(prepared)
         with self._lock:
             self._known.add(prepared.image_id)
+            self._lost.discard(prepared.image_id)
         return prepared.image_id
+
+    def _upload(self, prepared: PreparedImage) -> None:
+        if prepared.array is None:  # prepared while the id was known: the voxels were not copied
+            with self._lock:
+                self._known.discard(prepared.image_id)
+                self._lost.add(prepared.image_id)
+            raise ImageLost(f"the server no longer has image {prepared.image_id!r} (restarted with another "
+                            "studies folder, or the image was deleted); it is uploaded again", 404)
+        content = nrrd.write(prepared.array, prepared.matrix)
+        self.client.upload_image(prepared.image_id, f"{prepared.image_id}.nrrd", content)
+
+    def call(self, prepared: PreparedImage, fn: Callable[[str], T]) -> T:
+        """On any thread: fn(image id) with the image on the server (uploaded first if needed).
+
+        This object's memory of uploaded ids can be out of date: the server may have been restarted
+        with another studies folder at the same URL, or the image deleted. When fn fails with a 404
+        and a look-up (HEAD) confirms the image is gone, the id is forgotten, the image uploaded
+        again and fn called once more; if the voxels were not copied (the id was known when the
+        request was prepared), ImageLost is raised instead: prepare again (on the GUI thread) and
+        resend. Any other error, or a 404 for something else (an unknown model), goes up unchanged.
+        """
+        image_id = self.ensure(prepared)
+        try:
+            return fn(image_id)
+        except MSAClientError as exc:
+            if exc.status != 404 or self.client.image_exists(image_id):
+                raise
+        self.forget(image_id)
+        self._upload(prepared)
+        with self._lock:
+            self._known.add(image_id)
+            self._lost.discard(image_id)
+        return fn(image_id)
 
     def image_id(self, volume_node) -> str:
         """prepare + ensure in one call (GUI-less use and tests)."""
         return self.ensure(self.prepare(volume_node))
 
-    def forget(self) -> None:
-        """After the server changed (another URL, a restart with a new studies folder)."""
+    def forget(self, image_id: str | None = None) -> None:
+        """Forget that the server has `image_id` (all ids when None): the next request looks again
+        (HEAD) and uploads what is missing. After a 404 for the image, or a new "Test connection"."""
         with self._lock:
-            self._known.clear()
+            if image_id is None:
+                self._known.clear()
+                self._lost.clear()
+            else:
+                self._known.discard(image_id)
 
 
 def mark_server_image(volume_node, image_id: str) -> None:

@@ -9,6 +9,7 @@ import vtk
 
 from . import nrrd
 from .client import MSAClient
+from .errors import ImageLost
 from .geometry import ijk_to_ras, to_numpy, transform_between
 from .images import PreparedImage, ServerImages
 from .writer import _on_reference, image_array, oriented_image
@@ -69,12 +70,18 @@ def prepare_label(images: ServerImages, volume_node, segmentation_node,
 
 
 def send_label(client: MSAClient, images: ServerImages, label: PreparedLabel, tag: str = "final") -> dict:
-    """Uploads the image if the server lacks it, then PUTs the label as the image's `tag` label."""
-    image_id = images.ensure(label.image)
-    return client.save_label(image_id, label.filename, label.content, tag)
+    """Uploads the image if the server lacks it, then PUTs the label as the image's `tag` label.
+
+    ImageLost: the server lost the image and `label` carries no voxels to upload again; prepare the
+    label again (prepare_label copies them now) and send it."""
+    return images.call(label.image, lambda image_id: client.save_label(image_id, label.filename, label.content, tag))
 
 
 def submit_label(client: MSAClient, images: ServerImages, volume_node, segmentation_node,
                  segment_ids: list[str] | None = None, tag: str = "final") -> dict:
-    """The segments as the image's final label on the server (synchronous)."""
-    return send_label(client, images, prepare_label(images, volume_node, segmentation_node, segment_ids), tag)
+    """The segments as the image's final label on the server (synchronous; a server that lost the
+    image gets it uploaded again, once)."""
+    try:
+        return send_label(client, images, prepare_label(images, volume_node, segmentation_node, segment_ids), tag)
+    except ImageLost:
+        return send_label(client, images, prepare_label(images, volume_node, segmentation_node, segment_ids), tag)

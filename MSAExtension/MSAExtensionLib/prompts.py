@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .geometry import control_points_world, roi_corners_world
+from .errors import MSAClientError
+from .geometry import box_ijk, control_points_world, point_ijk, roi_corners_world
 
 SEGMENTATION_ATTRIBUTE = "MSA.Segmentation"
 SEGMENT_ATTRIBUTE = "MSA.Segment"
@@ -89,6 +90,61 @@ def prompts_from_nodes(nodes: PromptNodes):
 
     corners = roi_corners_world(nodes.box) if has_box(nodes.box) else None
     return Prompts(control_points_world(nodes.positive), control_points_world(nodes.negative), corners)
+
+
+def add_point(nodes: PromptNodes, volume_node, point_world, positive: bool = True) -> list[int]:
+    """Adds a positive or negative point at `point_world` (world RAS) if it lies inside the volume;
+    returns its [i, j, k]. A point outside the volume is refused (MSAClientError) and NOT added: a
+    stored point outside would be sent with every later request of the segment."""
+    if volume_node is None:
+        raise MSAClientError("select a source volume first")
+    ijk = point_ijk(volume_node, point_world)
+    node = nodes.positive if positive else nodes.negative
+    node.AddControlPointWorld(*[float(v) for v in point_world])
+    return ijk
+
+
+MOVING_INDEX_ATTRIBUTE = "Markups.MovingMarkupIndex"  # set by Slicer's markups widget during a drag
+
+
+def moved_point_index(markups_node, call_data=None) -> int | None:
+    """The control point a markups interaction event is about, or None when unknown.
+
+    Slicer documents the call data of the Point* events as the point's index (int*); its markups
+    widget ends a drag with PointEndInteractionEvent WITHOUT call data (Slicer 5.x), but keeps the
+    dragged point's index in the node's "Markups.MovingMarkupIndex" attribute until after that
+    event. The call data wins when there is one."""
+    for value in (call_data, markups_node.GetAttribute(MOVING_INDEX_ATTRIBUTE)):
+        try:
+            index = int(value)
+        except (TypeError, ValueError):
+            continue
+        if 0 <= index < markups_node.GetNumberOfControlPoints():
+            return index
+    return None
+
+
+def edited_slice(volume_node, markups_node, call_data=None) -> int | None:
+    """The volume slice (k) a 2D request should answer after `markups_node` was edited:
+    - the box (a markups ROI): its own slice (the middle one when it spans several);
+    - a point list: the slice of the point that moved (see moved_point_index).
+    None when that is unknown or lies outside the volume (the request then picks its default)."""
+    if volume_node is None or markups_node is None:
+        return None
+    try:
+        if markups_node.IsA("vtkMRMLMarkupsROINode"):
+            if not has_box(markups_node):
+                return None
+            roi = box_ijk(volume_node, roi_corners_world(markups_node))
+            return (roi[4] + roi[5]) // 2
+        index = moved_point_index(markups_node, call_data)
+        if index is None:
+            return None
+        position = [0.0, 0.0, 0.0]
+        markups_node.GetNthControlPointPositionWorld(index, position)
+        return point_ijk(volume_node, position)[2]
+    except MSAClientError:
+        return None
 
 
 def set_box(box_node, center_world, axes_world: np.ndarray, size: tuple[float, float, float]) -> None:

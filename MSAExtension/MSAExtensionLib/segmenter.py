@@ -16,7 +16,7 @@ import numpy as np
 
 from . import nrrd
 from .client import MSAClient
-from .errors import MSAClientError
+from .errors import ImageLost, MSAClientError
 from .geometry import box_ijk, ijk_to_ras, point_ijk
 from .images import PreparedImage, ServerImages
 from .writer import EditorTarget, WriteReport, write_mask
@@ -43,6 +43,7 @@ class InferRequest:
     covered_k: list[int] | None  # the slices the answer speaks for (2D: one), None: all
     image: PreparedImage
     shape_kji: tuple[int, int, int]
+    ignored: list[str] = field(default_factory=list)  # prompts left out: "1 positive point outside the volume"
 
 
 @dataclass
@@ -65,6 +66,17 @@ class InferResult:
         return ", ".join(parts)
 
 
+def _inside(volume_node, points) -> tuple[list[list[int]], list[MSAClientError]]:
+    """World points -> IJK of those inside the volume, and the errors of those outside."""
+    inside, outside = [], []
+    for point in points:
+        try:
+            inside.append(point_ijk(volume_node, point))
+        except MSAClientError as exc:
+            outside.append(exc)
+    return inside, outside
+
+
 def make_request(images: ServerImages, volume_node, prompts: Prompts, dimension: int = 3,
                  slice_k: int | None = None, model: str | None = None) -> InferRequest:
     """World prompts -> a request on the volume's voxel grid (GUI thread: reads MRML nodes).
@@ -73,14 +85,30 @@ def make_request(images: ServerImages, volume_node, prompts: Prompts, dimension:
     dimension 2: `msa_2d` on slice `slice_k` (default: the first positive point's slice, else the
     box's middle slice); only prompts on that slice are sent, only that slice is written.
     model: another infer model of the server than the dimension's default (msa / msa_2d).
+
+    A stored prompt outside the volume (a point dragged off it, one from another volume) is left
+    out and named in `request.ignored`, so it cannot block every later request; only when no
+    positive point and no box lies inside the volume is the request refused.
     """
     if volume_node is None:
         raise MSAClientError("select a source volume first")
     if prompts.empty():
         raise MSAClientError("place a positive point (left click) or a box first")
-    foreground = [point_ijk(volume_node, p) for p in prompts.positive]
-    background = [point_ijk(volume_node, p) for p in prompts.negative]
-    roi = box_ijk(volume_node, prompts.roi_corners) if prompts.roi_corners is not None else None
+    foreground, outside_positive = _inside(volume_node, prompts.positive)
+    background, outside_negative = _inside(volume_node, prompts.negative)
+    roi, box_error = None, None
+    if prompts.roi_corners is not None:
+        try:
+            roi = box_ijk(volume_node, prompts.roi_corners)
+        except MSAClientError as exc:
+            box_error = exc
+    if not foreground and roi is None:
+        first = (outside_positive or [box_error])[0]
+        raise MSAClientError(f"{first}; place a point or a box inside it")
+    ignored = [f"{len(errors)} {kind} point{'s' if len(errors) > 1 else ''} outside the volume"
+               for kind, errors in (("positive", outside_positive), ("negative", outside_negative)) if errors]
+    if box_error is not None:
+        ignored.append("the box (it misses the volume)")
     i, j, k = volume_node.GetImageData().GetDimensions()
     params: dict = {"result_extension": ".nrrd"}
     covered = None
@@ -102,13 +130,16 @@ def make_request(images: ServerImages, volume_node, prompts: Prompts, dimension:
     params["background"] = background
     if roi is not None:
         params["roi"] = roi
-    return InferRequest(model or MODELS[dimension], params, covered, images.prepare(volume_node), (k, j, i))
+    return InferRequest(model or MODELS[dimension], params, covered, images.prepare(volume_node), (k, j, i), ignored)
 
 
 def run_request(client: MSAClient, images: ServerImages, request: InferRequest) -> InferResult:
-    """Upload if needed, infer, read the answer (any thread; touches no MRML node)."""
-    image_id = images.ensure(request.image)
-    answer = client.infer(request.model, image_id, request.params)
+    """Upload if needed, infer, read the answer (any thread; touches no MRML node).
+
+    ImageLost: the server lost the image and this request carries no voxels to upload again;
+    make the request again (make_request copies them now) and run it."""
+    image_id = request.image.image_id
+    answer = images.call(request.image, lambda image_id: client.infer(request.model, image_id, request.params))
     try:
         mask, matrix = nrrd.read(answer.label)
     except ValueError as exc:
@@ -144,7 +175,13 @@ class Segmenter:
 
     def segment(self, target: EditorTarget, volume_node, prompts: Prompts, dimension: int = 3,
                 slice_k: int | None = None, model: str | None = None) -> tuple[InferResult, WriteReport]:
-        """Synchronous: prompts -> server -> segment. Raises MSAClientError with the segment unchanged."""
+        """Synchronous: prompts -> server -> segment. Raises MSAClientError with the segment unchanged.
+
+        A server that lost the image (ImageLost) gets it uploaded again, once."""
         request = self.request(volume_node, prompts, dimension, slice_k, model)
-        result = self.run(request)
+        try:
+            result = self.run(request)
+        except ImageLost:
+            request = self.request(volume_node, prompts, dimension, slice_k, model)  # voxels copied now
+            result = self.run(request)
         return result, apply_result(target, volume_node, request, result)

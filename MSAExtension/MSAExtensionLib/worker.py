@@ -58,12 +58,20 @@ class LatestRequestWorker:
             outcome, self._outcome = self._outcome, None
             return outcome
 
-    def wait(self, timeout: float = 600.0) -> Outcome | None:
-        """Blocks until nothing is pending or running, then polls (scripts and tests)."""
+    def idle(self, timeout: float = 600.0) -> bool:
+        """Blocks until nothing is pending or running; the outcome stays for poll(). False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while (self.running is not None or self._pending is not None) and time.monotonic() < deadline:
-                self._cond.wait(0.05)
+            while self.running is not None or self._pending is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+            return True
+
+    def wait(self, timeout: float = 600.0) -> Outcome | None:
+        """Blocks until nothing is pending or running, then polls (scripts and tests)."""
+        self.idle(timeout)
         return self.poll()
 
     def _loop(self) -> None:

@@ -6,10 +6,14 @@ thread (world RAS -> IJK, which volume), sent by the shared logic's worker threa
 replaces a pending one; an answer overtaken by a newer click is dropped), and its mask is written
 back on the GUI thread through this effect's own editing path: saveStateForUndo +
 modifySelectedSegmentByLabelmap (masking, editable intensity range, overwrite rules, undo).
+
+The mode (2D msa_2d / 3D msa) has one home: the shared logic's `dimension`. The module panel's
+model choice, this effect's radio buttons and the T key all set it, and both widgets follow it.
 """
 
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import qt
@@ -17,10 +21,10 @@ import slicer
 import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from MSAExtensionLib import (MSAClientError, apply_result, make_request, prompt_nodes, prompts_from_nodes,
-                             reset_prompts, run_request, set_box, shortcuts_html)
+from MSAExtensionLib import (ImageLost, MSAClientError, add_point, apply_result, edited_slice, make_request,
+                             prompt_nodes, prompts_from_nodes, reset_prompts, run_request, set_box, shortcuts_html)
 from MSAExtensionLib.prompts import resetting
-from MSAExtensionLib.geometry import ijk_to_ras, point_ijk
+from MSAExtensionLib.geometry import ijk_to_ras
 
 POLL_MS = 100
 
@@ -64,6 +68,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.boxStart = None  # (view widget, xy) while a shift+drag box is drawn
         self.rightPress = None  # xy of a right button press (a click, unless the mouse moves: zoom)
         self.pending = False
+        self.removedSlice = None  # slice of a point about to be deleted (2D: the request answers there)
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.onPoll)
@@ -112,22 +117,25 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.statusLabel = qt.QLabel("")
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
+        self.logic().addDimensionListener(self.onDimensionChanged)
+        self.onDimensionChanged(self.dimension())
 
     def setMRMLDefaults(self):
-        self.scriptedEffect.setParameterDefault("Dimension", self.logic().dimension)
+        pass  # the mode is the shared logic's (one source for the panel and this effect), not a parameter
 
     def updateGUIFromMRML(self):
-        three_d = self.scriptedEffect.integerParameter("Dimension") != 2
-        for button, checked in ((self.mode3dButton, three_d), (self.mode2dButton, not three_d)):
-            wasBlocked = button.blockSignals(True)
-            button.checked = checked
-            button.blockSignals(wasBlocked)
+        self.onDimensionChanged(self.dimension())
         self.followSelectedSegment()
 
     def updateMRMLFromGUI(self):
-        dimension = 3 if self.mode3dButton.checked else 2
-        self.scriptedEffect.setParameter("Dimension", dimension)
-        self.logic().dimension = dimension
+        self.logic().dimension = 3 if self.mode3dButton.checked else 2
+
+    def onDimensionChanged(self, dimension):
+        """The shared mode changed (panel, T key, these buttons): show it."""
+        for button, checked in ((self.mode3dButton, dimension != 2), (self.mode2dButton, dimension == 2)):
+            wasBlocked = button.blockSignals(True)
+            button.checked = checked
+            button.blockSignals(wasBlocked)
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -147,12 +155,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def cleanup(self):
         self.timer.stop()
         self.unobserve()
+        self.logic().removeDimensionListener(self.onDimensionChanged)
 
     def status(self, text):
         self.statusLabel.text = text
 
     def dimension(self):
-        return 2 if self.scriptedEffect.integerParameter("Dimension") == 2 else 3
+        """2 (msa_2d, this slice) or 3 (msa, propagate): the shared logic's mode."""
+        return 2 if self.logic().dimension == 2 else 3
 
     def sourceVolume(self):
         node = self.scriptedEffect.parameterSetNode()
@@ -179,9 +189,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.observed = key  # also when none exist yet: mouse moves must not search the scene again
         if self.nodes is None:
             return
+        # One callback per event: VTK hands Python observers the event's NAME, "NoEvent" for these
+        # custom markups events, so one callback could not tell them apart.
+        markups = slicer.vtkMRMLMarkupsNode
+        handlers = ((markups.PointEndInteractionEvent, self.onPromptMoved),
+                    (markups.PointAboutToBeRemovedEvent, self.onPromptAboutToBeRemoved),
+                    (markups.PointRemovedEvent, self.onPromptRemoved))
         for node in self.nodes.nodes():
-            for event in (slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, slicer.vtkMRMLMarkupsNode.PointRemovedEvent):
-                self.observerTags.append((node, node.AddObserver(event, self.onPromptsEdited)))
+            for event, handler in handlers:
+                self.observerTags.append((node, node.AddObserver(event, handler)))
         self.observed = key
 
     def unobserve(self):
@@ -190,26 +206,30 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.observerTags = []
         self.observed = None
 
-    def onPromptsEdited(self, caller, event):
-        """A point or the box was dragged or deleted: send the prompts again."""
-        if self.nodes is None or resetting(self.nodes):
-            return  # "Reset clicks" removes points one by one: no request for each step
-        sliceK = None
-        if self.dimension() == 2 and caller is not None and caller.IsA("vtkMRMLMarkupsFiducialNode"):
-            sliceK = self.sliceOfNode(caller)
-        self.request(sliceK)
+    def promptsIdle(self):
+        # "Reset clicks" removes points one by one: no request for each step.
+        return self.nodes is None or resetting(self.nodes)
 
-    def sliceOfNode(self, node):
-        """The volume slice of the node's last control point (2D requests follow the edited point)."""
-        volume = self.sourceVolume()
-        if volume is None or node.GetNumberOfControlPoints() == 0:
-            return None
-        position = [0.0, 0.0, 0.0]
-        node.GetNthControlPointPositionWorld(node.GetNumberOfControlPoints() - 1, position)
-        try:
-            return point_ijk(volume, position)[2]
-        except MSAClientError:
-            return None
+    @vtk.calldata_type(vtk.VTK_INT)
+    def onPromptMoved(self, caller, event, callData=None):
+        """A point or the box was dragged: send the prompts again. In 2D mode the request answers
+        the slice of the point that moved (callData: its index, when the event carries one), or
+        the box's own slice."""
+        if not self.promptsIdle():
+            self.request(edited_slice(self.sourceVolume(), caller, callData) if self.dimension() == 2 else None)
+
+    @vtk.calldata_type(vtk.VTK_INT)
+    def onPromptAboutToBeRemoved(self, caller, event, callData=None):
+        """The index of a removed point names another point once it is gone: take its slice now."""
+        if not self.promptsIdle():
+            self.removedSlice = edited_slice(self.sourceVolume(), caller, callData) if callData is not None else None
+
+    @vtk.calldata_type(vtk.VTK_INT)
+    def onPromptRemoved(self, caller, event, callData=None):
+        """A point was deleted: send the prompts again (2D: about the deleted point's slice)."""
+        sliceK, self.removedSlice = self.removedSlice, None
+        if not self.promptsIdle():
+            self.request(sliceK if self.dimension() == 2 else None)
 
     # -- interaction -------------------------------------------------------------------------
 
@@ -263,8 +283,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if eventId == vtk.vtkCommand.KeyPressEvent:
             key = (callerInteractor.GetKeySym() or "").lower()
             if key == "t":
-                self.scriptedEffect.setParameter("Dimension", 2 if self.dimension() == 3 else 3)
-                self.logic().dimension = self.dimension()
+                self.logic().dimension = 2 if self.dimension() == 3 else 3  # the panel and the buttons follow
                 self.status(f"Mode: {'2D, this slice' if self.dimension() == 2 else '3D, propagate'}")
                 return True
             if key == "p":
@@ -276,16 +295,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return False
 
     def addPoint(self, ras, positive, viewWidget):
-        node = self.nodes.positive if positive else self.nodes.negative
-        node.AddControlPointWorld(vtk.vtkVector3d(*ras))
+        """A click: the point is checked against the volume BEFORE it is stored (a point outside
+        would go out with every later request of the segment)."""
+        try:
+            ijk = add_point(self.nodes, self.sourceVolume(), ras, positive)
+        except MSAClientError as exc:
+            self.status(f"{exc}: no point added")
+            return
         sliceK = None
         if self.dimension() == 2:
-            volume = self.sourceVolume()
-            try:
-                sliceK = point_ijk(volume, ras)[2] if volume is not None else None
-            except MSAClientError as exc:
-                self.status(str(exc))
-                return
+            sliceK = ijk[2]
             self.warnIfViewCrossesSlices(viewWidget)
         self.request(sliceK)
 
@@ -304,10 +323,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if final:
             sliceK = None
             if self.dimension() == 2:
-                try:
-                    sliceK = point_ijk(self.sourceVolume(), (a + b) / 2)[2]
-                except MSAClientError as exc:
-                    self.status(str(exc))
+                sliceK = edited_slice(self.sourceVolume(), self.nodes.box)  # the box's own slice
+                if sliceK is None:
+                    self.status("The box misses the volume: draw it on the volume.")
                     return
             self.request(sliceK)
 
@@ -351,7 +369,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     # -- requests ----------------------------------------------------------------------------
 
-    def request(self, sliceK, dimension=None):
+    def request(self, sliceK, dimension=None, retried=False):
         """Prepares the request here (GUI thread) and hands it to the worker thread."""
         segmentation, segmentId = self.selected()
         volume = self.sourceVolume()
@@ -370,10 +388,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         except MSAClientError as exc:
             self.status(str(exc))
             return
-        context = (segmentation.GetID(), segmentId, volume.GetID(), request)
+        context = PendingRequest(segmentation.GetID(), segmentId, volume.GetID(), request, sliceK, dimension, retried)
         logic.requests.submit(run_request, segmenter.client, segmenter.images, request, context=context)
         uploading = " (uploading the volume first)" if request.image.array is not None else ""
-        self.status(f"Asking {request.model}{uploading}...")
+        ignored = f" (left out: {', '.join(request.ignored)})" if request.ignored else ""
+        self.status(f"Asking {request.model}{uploading}...{ignored}")
         self.pending = True
 
     def onPoll(self):
@@ -382,7 +401,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if outcome is None:
             return
         self.pending = False
-        segmentationId, segmentId, volumeId, request = outcome.context
+        pending = outcome.context
+        if isinstance(outcome.error, ImageLost) and not pending.retried:
+            # The server lost the volume (restarted with another studies folder, image deleted): the
+            # id is forgotten, so preparing again copies the voxels and the worker uploads them.
+            self.request(pending.sliceK, pending.dimension, retried=True)
+            return
         if outcome.error is not None:
             if not isinstance(outcome.error, MSAClientError):
                 logging.error("MSA request failed", exc_info=outcome.error)
@@ -391,10 +415,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self.status(f"{outcome.error}; segment unchanged")
             return
         segmentation, selectedId = self.selected()
-        volume = slicer.mrmlScene.GetNodeByID(volumeId)
-        if segmentation is None or segmentation.GetID() != segmentationId or selectedId != segmentId or volume is None:
+        volume = slicer.mrmlScene.GetNodeByID(pending.volumeId)
+        if (segmentation is None or segmentation.GetID() != pending.segmentationId or selectedId != pending.segmentId
+                or volume is None):
             self.status("Answer dropped: the selected segment changed while the server worked.")
             return
+        request = pending.request
         try:
             report = apply_result(EffectTarget(self.scriptedEffect), volume, request, outcome.result)
         except MSAClientError as exc:
@@ -402,4 +428,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         change = (f"{len(report.changed_slices)} slices changed (+{report.added} / -{report.removed} voxels)"
                   if report.changed else "no change")
-        self.status(f"{request.model}: {outcome.result.status()}; {change}")
+        ignored = f"; left out: {', '.join(request.ignored)}" if request.ignored else ""
+        self.status(f"{request.model}: {outcome.result.status()}; {change}{ignored}")
+
+
+@dataclass
+class PendingRequest:
+    """What the GUI thread needs when a request's answer comes back (or must be sent again)."""
+
+    segmentationId: str
+    segmentId: str
+    volumeId: str
+    request: object  # MSAExtensionLib.InferRequest
+    sliceK: object  # int or None
+    dimension: int
+    retried: bool = False

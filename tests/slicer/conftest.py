@@ -2,9 +2,10 @@
 volume node, and ONE real MSA server (`monailabel start_server` on 127.0.0.1, everything in tmp)
 shared by the whole folder, started with tests/app's helpers.
 
-Encoding is what costs (seconds per slice on a CPU): the liver case prompts an ROI of 8 slices,
-so the server encodes 8 slices once and the in-process reference (msa.Session) 8 more; every
-other server request in this folder reuses those embeddings (the server caches them by content).
+Encoding is what costs (seconds per slice on a CPU): the liver case prompts an ROI around the whole
+liver, which lies on all 20 slices of the series, so the server encodes 20 slices once and the
+in-process reference (msa.Session) 20 more; every other request on that volume in this folder
+reuses those embeddings (the server caches them by content).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ for folder in (REPO / "MSAExtension", REPO / "tests" / "app", HERE):
 
 from app_helpers import Server, start_server, stop_server  # noqa: E402
 from MSAExtensionLib import MSAClient, Segmenter  # noqa: E402
-from slicer_helpers import (DICOM, DICOM_LABELS, LIVER, ROI_MARGIN, ROI_SLICES, Mrml, Run, new_mrml,  # noqa: E402
-                            place_case, run_case)
+from slicer_helpers import (DICOM, DICOM_LABELS, LIVER, ROI_MARGIN, Mrml, Run, new_mrml, place_case,  # noqa: E402
+                            run_case)
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +64,16 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     stop_server(running)
 
 
+@pytest.fixture(scope="module")
+def gui_modules():
+    """The module panel (MSAExtension.py) and the effect imported over effect_harness's small fakes
+    of Slicer's GUI classes, for one test module; taken out again afterwards."""
+    from effect_harness import gui, uninstall
+
+    yield gui()
+    uninstall()
+
+
 @pytest.fixture
 def mrml() -> Mrml:
     """A fresh headless scene (installed as slicer.mrmlScene) per test."""
@@ -78,7 +89,7 @@ class LiverCase:
     """
 
     point_ijk: list[int]  # the liver's interior-most voxel of the ROI's middle slice
-    roi_ijk: list[int]  # [i0, i1, j0, j1, k0, k1]
+    roi_ijk: list[int]  # [i0, i1, j0, j1, k0, k1]: the liver's bounding box (its slice range) + margin in-plane
     point_world: list[float]  # RAS of that voxel's centre
     roi_world_min: np.ndarray  # RAS box through the centres of the ROI's corner voxels
     roi_world_max: np.ndarray
@@ -103,12 +114,11 @@ def liver_case(dicom_dir: Path, data_dir: Path) -> LiverCase:
 
     volume = load_image(dicom_dir)
     liver = resample_labels_to(data_dir / DICOM_LABELS, volume) == LIVER  # (K, J, I), by world coordinates
-    k0, k1 = ROI_SLICES
-    k, j, i = np.nonzero(liver[k0:k1 + 1])
+    k, j, i = np.nonzero(liver)  # the whole liver: its full slice range
     size = volume.shape_ijk
     roi = [max(int(i.min()) - ROI_MARGIN, 0), min(int(i.max()) + ROI_MARGIN, size[0] - 1),
-           max(int(j.min()) - ROI_MARGIN, 0), min(int(j.max()) + ROI_MARGIN, size[1] - 1), k0, k1]
-    mid = (k0 + k1) // 2
+           max(int(j.min()) - ROI_MARGIN, 0), min(int(j.max()) + ROI_MARGIN, size[1] - 1), int(k.min()), int(k.max())]
+    mid = (roi[4] + roi[5]) // 2
     depth = ndimage.distance_transform_edt(liver[mid])
     jj, ii = np.unravel_index(int(np.argmax(depth)), depth.shape)
     point = [int(ii), int(jj), mid]

@@ -23,8 +23,7 @@ from MSAExtensionLib.prompts import prompt_nodes, prompts_from_nodes, set_box
 DICOM = "ct_abdomen_dicom"
 DICOM_LABELS = "ct_abdomen_dicom_labels.nii.gz"
 LIVER = 5
-ROI_SLICES = (6, 13)  # the liver ROI's k range: 8 of the series' 20 slices (all hold liver)
-ROI_MARGIN = 5  # voxels around the liver's in-plane extent on those slices
+ROI_MARGIN = 5  # voxels around the liver's in-plane extent (the ROI spans the liver's slices: all 20)
 
 _RULES_REGISTERED = False
 

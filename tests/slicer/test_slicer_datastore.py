@@ -19,8 +19,8 @@ from slicer_helpers import activate, new_mrml, segment_array
 
 
 def _uploads(server, image_id: str) -> int:
-    """How many times the server logged an upload of `image_id` (MONAI Label logs each PUT)."""
-    return server.log_tail(100000).count(f"Image: {image_id};")
+    """How many times the server logged storing an upload of `image_id` (lib/datastore.py logs each)."""
+    return server.log_tail(100000).count(f"stored image {image_id!r}")
 
 
 def _puts(client: MSAClient) -> list:

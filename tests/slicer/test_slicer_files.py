@@ -57,6 +57,21 @@ def test_every_listed_script_and_resource_exists_and_none_is_missing():
     assert (EXT / "Testing" / "CMakeLists.txt").read_text().strip() == "add_subdirectory(Python)"
 
 
+def test_ctest_registers_no_test_that_needs_a_server():
+    """`ctest` in an extension build runs what the CMake files register: the generic module tests
+    (WITH_GENERIC_TESTS: the module loads, its widget builds) and Testing/Python's scripts, which
+    test_in_slicer_unit_tests_pass_headless runs here without any server. The module's self-test
+    (MSAExtension.py) needs a running MSA server: users run it from Slicer's Python console."""
+    registered = []
+    for cmake in sorted(EXT.rglob("CMakeLists.txt")):
+        text = "\n".join(line.split("#", 1)[0] for line in cmake.read_text().splitlines())
+        for script in re.findall(r"slicer_add_python_(?:unit)?test\(\s*SCRIPT\s+([^\s)]+)", text):
+            registered.append((cmake.parent.relative_to(EXT).as_posix(), script))
+    assert registered == [("Testing/Python", "MSAExtensionLibTest.py")], registered
+    source = (EXT / "Testing" / "Python" / "MSAExtensionLibTest.py").read_text()
+    assert "MSAClient(" not in source and "Segmenter(" not in source and "http" not in source
+
+
 def test_icon_is_a_png():
     data = (EXT / "Resources" / "Icons" / "MSAExtension.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,8 @@ import vtk
 from MSAExtensionLib import (MSAClient, MSAClientError, Prompts, ServerImages, control_points_world, make_request,
                              point_ijk, roi_corners_world, roi_ijk)
 from MSAExtensionLib.geometry import to_vtk
-from MSAExtensionLib.prompts import prompt_nodes, prompts_from_nodes, set_box
+from MSAExtensionLib.prompts import (MOVING_INDEX_ATTRIBUTE, add_point, edited_slice, prompt_nodes, prompts_from_nodes,
+                                     set_box)
 from slicer_helpers import rotation
 
 SHAPE_KJI = (12, 60, 80)
@@ -136,3 +137,61 @@ def test_2d_request_keeps_the_prompts_of_its_slice(mrml, volume):
         make_request(images, volume, prompts, dimension=2, slice_k=11)
     with pytest.raises(MSAClientError, match="place a positive point"):
         make_request(images, volume, Prompts(negative=[world([1, 1, 1])]), dimension=3)
+
+
+def test_a_stored_prompt_outside_the_volume_is_left_out_and_blocks_nothing(mrml, volume):
+    """A point dragged off the volume (or stored before the click check) must not fail every later
+    request of the segment: it is left out and named; only prompts that all miss are refused."""
+    images = ServerImages(MSAClient("http://127.0.0.1:9"))  # preparing a request sends nothing
+    inside, outside = world([20, 20, 4]), world([-40, 20, 4])
+    prompts = Prompts(positive=[outside, inside], negative=[world([30, 30, 4]), world([30, 300, 4])])
+    three_d = make_request(images, volume, prompts, dimension=3)
+    assert three_d.params["foreground"] == [[20, 20, 4]] and three_d.params["background"] == [[30, 30, 4]]
+    assert three_d.ignored == ["1 positive point outside the volume", "1 negative point outside the volume"]
+    two_d = make_request(images, volume, prompts, dimension=2)  # the first positive point INSIDE names the slice
+    assert two_d.params["slice"] == 4 and two_d.params["foreground"] == [[20, 20, 4]]
+
+    # A box that misses the volume is left out too when a point remains.
+    corners = np.array([world([x, y, z]) for x in (500, 510) for y in (500, 510) for z in (1, 2)])
+    boxed = make_request(images, volume, Prompts(positive=[inside], roi_corners=corners), dimension=3)
+    assert "roi" not in boxed.params and boxed.ignored == ["the box (it misses the volume)"]
+
+    # Nothing inside at all: refused, saying which point lies outside.
+    with pytest.raises(MSAClientError, match="lies outside the volume 'synthetic'; place a point or a box inside"):
+        make_request(images, volume, Prompts(positive=[outside]), dimension=3)
+    with pytest.raises(MSAClientError, match="does not overlap the volume"):
+        make_request(images, volume, Prompts(roi_corners=corners), dimension=2)
+
+
+def test_a_click_outside_the_volume_adds_no_point(mrml, volume):
+    segmentation, (segment,) = mrml.add_segmentation(volume, ["s"])
+    nodes = prompt_nodes(segmentation, segment)
+    with pytest.raises(MSAClientError, match="lies outside the volume"):
+        add_point(nodes, volume, world([-40, 20, 4]), positive=True)
+    assert nodes.positive.GetNumberOfControlPoints() == 0
+    assert add_point(nodes, volume, world([20, 21, 4]), positive=False) == [20, 21, 4]
+    assert nodes.negative.GetNumberOfControlPoints() == 1 and nodes.positive.GetNumberOfControlPoints() == 0
+
+
+def test_an_edit_names_the_slice_of_the_moved_point_or_of_the_box(mrml, volume):
+    """2D requests after a drag answer the slice of the point that moved (call data, or the index
+    Slicer's markups widget keeps in the node during a drag), or the box's own slice."""
+    segmentation, (segment,) = mrml.add_segmentation(volume, ["s"])
+    nodes = prompt_nodes(segmentation, segment)
+    for ijk in ([20, 20, 2], [25, 22, 5], [30, 30, 9]):
+        nodes.positive.AddControlPointWorld(vtk.vtkVector3d(*world(ijk)))
+    assert edited_slice(volume, nodes.positive, 0) == 2  # call data: the first point, not the last
+    assert edited_slice(volume, nodes.positive, 1) == 5
+    nodes.positive.SetAttribute(MOVING_INDEX_ATTRIBUTE, "0")  # what Slicer sets while point 0 is dragged
+    assert edited_slice(volume, nodes.positive) == 2
+    assert edited_slice(volume, nodes.positive, 2) == 9  # call data wins
+    nodes.positive.SetAttribute(MOVING_INDEX_ATTRIBUTE, "")
+    assert edited_slice(volume, nodes.positive) is None  # unknown: the request picks its default
+    assert edited_slice(volume, nodes.positive, 7) is None  # no such point
+
+    axes = IJK_TO_RAS[:3, :3] / np.linalg.norm(IJK_TO_RAS[:3, :3], axis=0)
+    spacing = np.linalg.norm(IJK_TO_RAS[:3, :3], axis=0)
+    set_box(nodes.box, world([40, 40, 7]), axes, tuple(np.array([20, 20, 1]) * spacing))  # one slice thick
+    assert edited_slice(volume, nodes.box) == 7
+    set_box(nodes.box, world([40, 40, 6.5]), axes, tuple(np.array([20, 20, 4]) * spacing))  # slices 5..8
+    assert edited_slice(volume, nodes.box) == 6

@@ -14,26 +14,31 @@ from slicer_helpers import case_prompts
 def test_newer_click_supersedes_pending_and_stale_answers_are_dropped(liver_run, liver_case):
     segmenter = liver_run.segmenter
     volume = liver_run.volume
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
+    released = []
 
     def first_request(request):
         started.set()
+        released.append(release.wait(300))  # held until the GUI thread below has polled and clicked again
         return run_request(segmenter.client, segmenter.images, request)
 
     worker = LatestRequestWorker()
     three_d = segmenter.request(volume, case_prompts(liver_case), dimension=3)
     two_d = segmenter.request(volume, case_prompts(liver_case), dimension=2)
     first = worker.submit(first_request, three_d, context="first")
-    assert started.wait(30)
-    # While the server works on the first request, the GUI thread is free: polling costs nothing.
-    t0 = time.perf_counter()
+    assert started.wait(60)
+    # While the worker is held inside the first request, the GUI thread is free: polling returns
+    # at once with nothing (it never waits for the worker), and newer clicks are taken.
     assert worker.poll() is None
-    assert time.perf_counter() - t0 < 0.05
+    assert worker.busy and worker.running == first
     second = worker.submit(run_request, segmenter.client, segmenter.images, two_d, context="second")
     third = worker.submit(run_request, segmenter.client, segmenter.images, two_d, context="third")
     assert worker.running == first  # the first one had started: it completes, but nobody gets it
-    outcome = worker.wait(120)
+    assert worker.poll() is None
+    release.set()
+    outcome = worker.wait(300)
 
+    assert released == [True], "the worker was let go by the test, after the poll returned"
     assert outcome is not None and outcome.ticket == third and outcome.context == "third"
     assert outcome.error is None and outcome.result.mask[liver_case.point_ijk[2]].any()
     assert worker.executed == [first, third]  # the second never ran
