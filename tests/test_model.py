@@ -55,6 +55,8 @@ def randomize_adapters_(model: nn.Module, std: float = 0.02) -> nn.Module:
             if isinstance(module, msa.Adapter):
                 nn.init.normal_(module.up.weight, std=std)
                 nn.init.normal_(module.up.bias, std=std)
+    if isinstance(model, msa.MSA):
+        model.weights_changed()  # the model caches what its adapters imply (first adapted block, keys)
     return model
 
 

@@ -180,6 +180,22 @@ class Source:
             out[self.whole] = tuple(sorted(present))
         return out
 
+    def check_labels_present(self) -> None:
+        """MSAError naming a requested label that no case's label map holds (read before any
+        encoding; a label missing from some cases only, a removed gallbladder say, is fine)."""
+        requested = resolve_labels(self.labels, self.cases[0].names) if self.cases else {}
+        if not requested:
+            return
+        from .io import label_values
+
+        present: set[int] = set()
+        for case in self.cases:
+            present |= label_values(case.labels)
+        for label, name in requested.items():
+            if label not in present:
+                where = self.cases[0].labels.name if len(self.cases) == 1 else f"any of the {len(self.cases)} cases"
+                raise MSAError(f"label {name!r} is not present in {where}")
+
 
 _OPTIONS = ("split", "cases", "labels", "whole", "names", "preset", "axes", "stride", "weight", "name")
 

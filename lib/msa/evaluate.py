@@ -79,6 +79,7 @@ def evaluate(
         raise MSAError(f"unknown prompt protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if not isinstance(source, Source):
         source = Source("data", list(source), labels=labels)
+    source.check_labels_present()
     per_label: dict[str, list[dict]] = {}
     overlays: list[str] = []
     for case in source.cases:

@@ -187,6 +187,15 @@ def resample_labels_to(labels_path: str | Path, volume: Volume) -> np.ndarray:
     return labels
 
 
+def label_values(labels_path: str | Path) -> set[int]:
+    """The non-zero label ids a label file holds, on its own grid."""
+    try:
+        image = sitk.ReadImage(str(labels_path))
+    except Exception as exc:
+        raise ImageError(f"cannot read label file {labels_path}") from exc
+    return set(np.unique(sitk.GetArrayViewFromImage(image)).tolist()) - {0}
+
+
 SLICE_AXES = ("k", "j", "i")  # the voxel axis slices run along: k as stored, or across it
 
 
