@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -159,6 +160,12 @@ def test_train_3d_slabs_from_a_2d_adapter_file(folder: Path, tmp_path: Path, cap
                          "--slab-depth", "4", "--adapters", str(tmp_path / "2d.pt"), *common]) == 0
     state = msa.checkpoint.read_checkpoint(tmp_path / "3d.pt")
     assert state["metadata"]["three_d"] is True
+    # The file says what it was trained on and from which adapter file it started.
+    extra, parent = state["metadata"]["extra"], msa.checkpoint.read_checkpoint(tmp_path / "2d.pt")["metadata"]
+    assert [source["images"] for source in extra["data"]] == [[f"case{n:02d}.nii.gz" for n in range(3)]]
+    assert [source["images"] for source in extra["validation"]] == [["case03.nii.gz"]]
+    assert extra["parent_adapters"]["file"] == "2d.pt" and parent["extra"]["parent_adapters"] is None
+    assert extra["parent_adapters"]["sha256"] == hashlib.sha256((tmp_path / "2d.pt").read_bytes()).hexdigest()
     depth = {k: v for k, v in state["state_dict"].items() if "depth_adapter.up." in k}
     last = "image_encoder.layers.3.blocks.0."
     assert any(v.any() for k, v in depth.items() if k.startswith(last))

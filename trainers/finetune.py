@@ -104,6 +104,11 @@ class Trainer:
         self.engine, self.model, self.train, self.val = engine, engine.model, train, val
         self.teacher = teacher.to(self.model.device).eval() if teacher is not None else None
         self.val_samples, self.config, self.out = val_samples, config, Path(out)
+        # What the saved adapters come from: their data and the adapter file training started from.
+        parent = self.model.adapters_meta or {}
+        self.provenance = {"data": train.provenance, "validation": val.provenance if val is not train else "held out",
+                           "parent_adapters": {"file": parent.get("file"), "sha256": parent.get("sha256")}
+                           if parent else None}
         # Encoder adapters that get no gradient (fixed embeddings, or blocks before the trained ones)
         # must stay out of the optimizer: weight decay alone would shrink them.
         blocks = self.model.image_encoder.adapted_blocks()
@@ -358,7 +363,8 @@ class Trainer:
             if score > self.best:
                 self.best = score
                 save_adapters(self.model, self.out, extra={"training": {**record, "seed": self.config.seed,
-                                                                        "steps": self.config.steps}})
+                                                                        "steps": self.config.steps},
+                                                           **self.provenance})
             self.save_state()
             write_curves(self.history, self.out)
         if self.world > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,9 +47,12 @@ class SliceData:
         self.weights: list[float] = []
         self.first_trained_block = 0
         self.held_out: set[tuple[int, int, str]] = set()  # (case, k, label) validated on, never trained on
+        self.provenance: list[dict] = []  # per source: what it is (recorded in the adapter files trained on it)
         if pairs:
             self.source_names.append("data")
             self.weights.append(1.0)
+            self.provenance.append({"name": "data", "images": [Path(v.source).name for v, _ in pairs],
+                                    "labels": labels})
             for volume, reference in pairs:
                 present = set(np.unique(reference).tolist()) - {0}
                 chosen = present if labels is None else [v for v in labels if v in present]
@@ -62,6 +66,7 @@ class SliceData:
         for index, source in enumerate(sources):
             data.source_names.append(source.name)
             data.weights.append(source.weight)
+            data.provenance.append(source.describe())
             before = len(data.samples)
             for case in source.cases:
                 volume = load_image(case.image, modality=source.preset)

@@ -208,7 +208,7 @@ def load_adapters(model: MSA, path: str | Path, allow_2d: bool = False) -> dict:
     if set(state) != expected or not all(model.is_trainable(k) for k in state):
         raise CheckpointError(f"{path}: its tensors do not match the model's trainable parts")
     model.load_state_dict(state, strict=False)
-    model.adapters_meta = {**meta, "sha256": _file_sha256(path)}
+    model.adapters_meta = {**meta, "file": Path(path).name, "sha256": _file_sha256(path)}
     if from_2d:
         logger.warning(f"{Path(path).name} holds 2D adapters: in this 3D model the depth branch adds nothing")
     return meta

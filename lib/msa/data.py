@@ -180,6 +180,12 @@ class Source:
             out[self.whole] = tuple(sorted(present))
         return out
 
+    def describe(self) -> dict:
+        """JSON-ready: the cases (file names) and options, as adapter files record their training data."""
+        return {"name": self.name, "images": [c.image.name for c in self.cases], "labels": self.labels,
+                "whole": self.whole, "preset": self.preset, "axes": list(self.axes), "stride": self.stride,
+                "weight": self.weight}
+
     def check_labels_present(self) -> None:
         """MSAError naming a requested label that no case's label map holds (read before any
         encoding; a label missing from some cases only, a removed gallbladder say, is fine)."""
