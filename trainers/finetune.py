@@ -293,7 +293,7 @@ class Trainer:
     def validate(self) -> dict:
         """Slice Dice on the validation samples with one interior click and with the tight box, per source and
         structure; dice_click1 / dice_box are the means over sources of the means over their structures."""
-        self.model.weights_changed()  # trained encoder adapters: cached embeddings of older weights don't apply
+        self.model.adapters_changed()  # trained encoder adapters: cached embeddings of older weights don't apply
         scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
         for s in self.val_samples:
             target = self.val.target(s)

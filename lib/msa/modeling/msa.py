@@ -130,8 +130,13 @@ class MSA(nn.Module):
         return self._encoder_key
 
     def weights_changed(self) -> None:
-        """Forget the hashes of the weights (call after changing parameters in place, e.g. training)."""
-        self._backbone_hash = self._encoder_key = self._first_adapted_block = self._encoder_backbone_hash = None
+        """Forget what was derived from the weights (call after changing any parameter in place)."""
+        self._backbone_hash = self._encoder_backbone_hash = None
+        self.adapters_changed()
+
+    def adapters_changed(self) -> None:
+        """Forget what was derived from the adapters only (training: the frozen backbone is hashed once)."""
+        self._encoder_key = self._first_adapted_block = None
 
     def first_adapted_block(self) -> int:
         """The image encoder's first block with non-zero adapters (see AdaptedEncoder), cached."""
