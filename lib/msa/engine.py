@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -88,7 +90,25 @@ class Engine:
         # clicks) joins the clicks for the answer. MSA adapters are trained for that second prompt.
         self.refine_clicks = True
         self.encoded_slices = 0  # how many slice encodings the encoder has run: tests and stats read it
+        self._counters = threading.local()  # per thread: the open count_encodings() counters
         self._windows: dict[str, tuple[float, float]] = {}
+
+    @contextmanager
+    def count_encodings(self):
+        """Counts the slice encodings this thread runs inside the block (`.slices`): requests served
+        concurrently by one engine each report their own, not the engine's running total."""
+        counter = SimpleNamespace(slices=0)
+        open_counters = getattr(self._counters, "open", [])
+        self._counters.open = [*open_counters, counter]
+        try:
+            yield counter
+        finally:
+            self._counters.open = open_counters
+
+    def _encoded(self, slices: int) -> None:
+        self.encoded_slices += slices
+        for counter in getattr(self._counters, "open", []):
+            counter.slices += slices
 
     # -- preprocessing ---------------------------------------------------------------------------
 
@@ -134,7 +154,7 @@ class Engine:
                 else:
                     images = self.model_input(volume, unit).to(self.model.device)
                     out = self.model.encode(images, depth=depth)
-                    self.encoded_slices += len(unit)
+                    self._encoded(len(unit))
                 for k, emb in zip(unit, out):
                     # A compact copy: a view would keep the whole batch (a whole slab in 3D) alive after eviction.
                     found[k] = emb.clone()
@@ -179,7 +199,7 @@ class Engine:
             if start < 0:
                 images = self.model.normalise(self.model_input(volume, batch).to(device))
                 out = encoder.block_input(images, block)
-                self.encoded_slices += len(batch)
+                self._encoded(len(batch))
             else:
                 lower = [self.store.get(FeatureStore.space(backbone, start), image, k) for k in batch]
                 out = encoder.run_blocks(torch.stack(lower).to(device, torch.float32), start, block)

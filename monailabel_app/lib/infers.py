@@ -80,21 +80,20 @@ class MSAInfer(InferTask):
         foreground, background = params.foreground, params.background
         roi = list(params.roi) or None
         engine = self.provider.engine()
-        encoded_before = engine.encoded_slices
         session = Session(engine, volume)
         propagate = self.dimension == 3
         if self.dimension == 2:
             foreground = [p for p in foreground if int(p[2]) == k]
             background = [p for p in background if int(p[2]) == k]
             roi = roi[:4] + [k, k] if roi is not None else None  # the ROI's box, on slice k
-        if roi is not None:
-            session.add_roi(roi, propagate=propagate)
-        for point in foreground:
-            session.add_point(point, positive=True, propagate=propagate)
-        for point in background:
-            session.add_point(point, positive=False, propagate=propagate)
-
-        mask = session.mask(1).astype(np.uint8)
+        with engine.count_encodings() as encoded:  # this request's own (others run on the same engine)
+            if roi is not None:
+                session.add_roi(roi, propagate=propagate)
+            for point in foreground:
+                session.add_point(point, positive=True, propagate=propagate)
+            for point in background:
+                session.add_point(point, positive=False, propagate=propagate)
+            mask = session.mask(1).astype(np.uint8)
         # A folder of its own per answer: MONAI Label deletes the file once sent, and a client on the
         # same machine saving its copy into the system temp folder under the same name would lose it.
         folder = tempfile.mkdtemp(prefix=RESULT_PREFIX)
@@ -109,7 +108,7 @@ class MSAInfer(InferTask):
         meta = engine.model.adapters_meta or {}
         return path, {
             "label_names": {label or "foreground": 1},
-            "encoder_passes": engine.encoded_slices - encoded_before,  # 0: every slice came from the cache
+            "encoder_passes": encoded.slices,  # 0: every slice came from the cache
             "slices": int(mask.any(axis=(1, 2)).sum()),
             "backbone": engine.model.config.backbone,
             "adapters_sha256": meta.get("sha256"),

@@ -122,6 +122,34 @@ def test_embeddings_encode_only_missing_slices(tiny_model, tiny_volume):
     assert torch.equal(engine.embeddings(tiny_volume, [3])[0], out[3])
 
 
+def test_concurrent_requests_each_count_their_own_encodings(tiny_model, small_ct, tmp_path):
+    """Two requests on one engine, counting at the same time: each gets the slices IT encoded (the
+    engine's running total, read before and after, would give both the sum)."""
+    import threading
+
+    engine = Engine(tiny_model, batch_size=2)
+    one, other = load_image(small_ct), load_image(write_volume(tmp_path / "other.nii.gz", synthetic_ct(seed=7)))
+    both_counting = threading.Barrier(2)
+    counts = {}
+
+    def request(name, volume, ks):
+        with engine.count_encodings() as encoded:
+            both_counting.wait(timeout=30)
+            engine.embeddings(volume, ks)
+        counts[name] = encoded.slices
+
+    threads = [threading.Thread(target=request, args=("one", one, list(range(6)))),
+               threading.Thread(target=request, args=("other", other, [1, 2, 3]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert counts == {"one": 6, "other": 3} and engine.encoded_slices == 9
+    with engine.count_encodings() as encoded:
+        engine.embeddings(one, [0, 5])  # cached
+    assert encoded.slices == 0
+
+
 def test_cache_budget_bounds_the_engine(tiny_model, tiny_volume):
     probe = Engine(tiny_model)
     one = probe.embeddings(tiny_volume, [0])[0]
