@@ -29,7 +29,7 @@ from msa.store import FeatureStore
 from msa.trainers.finetune import Prompt, TrainConfig, Trainer, train_on
 from msa.trainers.pretrain import PretrainConfig, pretrain
 from msa.trainers.prompts import corrective_click, jittered_box, random_clicks
-from msa.trainers.slices import SliceData, zoom_in_plane
+from msa.trainers.slices import SliceData, split_validation, zoom_in_plane
 
 
 def synthetic_pair(seed: int = 0, depth: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +103,26 @@ def test_training_hashes_the_frozen_backbone_once(tmp_path: Path, monkeypatch) -
     run(engine, tmp_path / "a.pt", steps=6)  # three validations, three saves
     # At most once for the adapter files' backbone hash and once for the encoder's (feature store keys).
     assert 0 < sum(hashed) <= 2 * len(frozen), hashed
+
+
+def test_without_validation_data_no_validation_slice_has_training_neighbours() -> None:
+    """Several images: whole images are held out (zoomed copies included). One image: a block of
+    each structure's slices. Holding out every n-th slice put its neighbours in training."""
+    engine = tiny_engine()
+    pairs = [(volume_of(voxels), labels) for voxels, labels in (synthetic_pair(seed) for seed in range(3))]
+    data = SliceData(engine, pairs, None, scales=(1.0, 1.5))
+    train, val = split_validation(data.samples, data, 2)
+    train_images, val_images = ({data.image_of[s.case] for s in part} for part in (train, val))
+    assert val_images == {1} and train_images == {0, 2}
+    assert len(train) + len(val) == len(data.samples)
+
+    one = SliceData(engine, pairs[:1], None, scales=(1.0, 1.5))
+    train, val = split_validation(one.samples, one, 2)
+    held = {(s.label, s.k) for s in val}
+    assert held and not held & {(s.label, s.k) for s in train}
+    for label in {label for label, _ in held}:
+        ks = sorted(k for held_label, k in held if held_label == label)
+        assert ks == list(range(ks[0], ks[-1] + 1)), ks  # one block
 
 
 def test_encoder_adapters_train_with_train_encoder_in_3d(tmp_path: Path) -> None:

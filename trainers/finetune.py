@@ -64,7 +64,7 @@ class TrainConfig:
     eval_every: int = 50
     train_encoder: bool = False  # also train the encoder adapters (backpropagates through the encoder)
     encoder_blocks: int = 0  # also train the adapters of the encoder's last N blocks, on cached inputs of those
-    val_every_nth_slice: int = 5  # without validation cases, hold out every n-th sample
+    val_every_nth_image: int = 5  # without validation data, hold out every n-th image (slices.split_validation)
     scales: list[float] = field(default_factory=lambda: [1.0])  # in-plane zooms of the training volumes
     val_per_structure: int = 24  # validation samples per (source, structure), spread over its slices; 0: all
     slab_depth: int = 8  # 3D models with encoder_blocks: consecutive slices encoded together per sample
@@ -426,7 +426,7 @@ def train_on(engine: Engine, data: SliceData, val: SliceData | None, out: str | 
     torch.manual_seed(config.seed)
     if val is None:
         val = data
-        data.samples, val_samples = split_validation(data.samples, config.val_every_nth_slice)
+        data.samples, val_samples = split_validation(data.samples, data, config.val_every_nth_image)
         data.held_out = {(s.case, s.k, s.label) for s in val_samples}  # 3D slabs must not train on them either
     else:
         val_samples = val.samples

@@ -3,6 +3,7 @@ and the (slice, structure) samples drawn from them, with their encoder trunks in
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from msa.evaluate import MIN_SLICE_VOXELS
 from msa.io import Volume, load_image, resample_labels_to, reslice
 from msa.transforms import SliceGeometry
 from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +46,8 @@ class SliceData:
         self.labelled: list[list[int]] = []  # per volume: the slices holding any structure (samples, slabs)
         self.samples: list[Sample] = []
         self.source_of: list[int] = []  # per volume: its source's index
+        self.image_of: list[int] = []  # per volume: the image file it comes from (its zoomed and resliced copies too)
+        self.images = 0
         self.source_names: list[str] = []
         self.weights: list[float] = []
         self.first_trained_block = 0
@@ -57,6 +62,7 @@ class SliceData:
                 present = set(np.unique(reference).tolist()) - {0}
                 chosen = present if labels is None else [v for v in labels if v in present]
                 self._add(volume, reference, {str(v): (int(v),) for v in sorted(chosen)}, 0, 1)
+                self.images += 1
             self._check()
 
     @classmethod
@@ -74,6 +80,7 @@ class SliceData:
                 structures = source.structures(case, set(np.unique(reference).tolist()))
                 for axis in source.axes:
                     data._add(*reslice(volume, reference, axis), structures, index, source.stride)
+                data.images += 1
             if len(data.samples) == before:
                 raise MSAError(f"no training samples in source {source.name!r}: none of its cases holds the structures "
                                f"asked for ({source.labels or 'all labels'}) on {MIN_SLICE_VOXELS} voxels of a slice")
@@ -89,6 +96,7 @@ class SliceData:
             self.references.append(ref)
             self.structures.append(structures)
             self.source_of.append(source)
+            self.image_of.append(self.images)
             self.labelled.append([int(k) for k in labelled])
             sampled = labelled[::stride]
             for name, ids in structures.items():
@@ -195,10 +203,27 @@ def zoom_in_plane(volume: Volume, reference: np.ndarray, scale: float) -> tuple[
     return zoomed, reference
 
 
-def split_validation(samples: list[Sample], every: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out every n-th sample (ordered by case, label, slice): validation slices interleave training ones."""
-    ordered = sorted(samples, key=lambda s: (s.case, s.label, s.k))
-    return [s for n, s in enumerate(ordered) if n % every != every - 1], ordered[every - 1::every]
+def split_validation(samples: list[Sample], data: SliceData, every: int) -> tuple[list[Sample], list[Sample]]:
+    """(training, validation) samples when no validation data is given, split so that no validation
+    slice has its neighbours (or a zoomed copy of itself) in training:
+    - several images: whole images are held out, every n-th one (at least one);
+    - one image: per structure, the last 1/n of its labelled slices, one block (only the block's
+      edge touches training slices); a structure on a single slice stays in training.
+    """
+    images = sorted({data.image_of[s.case] for s in samples})
+    if len(images) > 1:
+        held = set(images[every - 1::every] or images[-1:])
+        return ([s for s in samples if data.image_of[s.case] not in held],
+                [s for s in samples if data.image_of[s.case] in held])
+    logger.warning("one training image and no validation data: validating on a held-out block of its slices "
+                   "(the best adapters are picked on the image they were trained on; give --val data)")
+    held_slices = set()
+    for label in sorted({s.label for s in samples}):
+        ks = sorted({s.k for s in samples if s.label == label})
+        if len(ks) > 1:
+            held_slices |= {(label, k) for k in ks[-max(1, len(ks) // every):]}
+    return ([s for s in samples if (s.label, s.k) not in held_slices],
+            [s for s in samples if (s.label, s.k) in held_slices])
 
 
 def spread(samples: list[Sample], data: SliceData, per_structure: int) -> list[Sample]:
