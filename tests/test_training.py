@@ -24,6 +24,7 @@ import SimpleITK as sitk
 import torch
 from msa.checkpoint import read_checkpoint
 from msa.engine import Engine
+from msa.errors import MSAError
 from msa.io import Volume
 from msa.store import FeatureStore
 from msa.trainers.finetune import Prompt, TrainConfig, Trainer, train_on
@@ -160,6 +161,27 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path: Path) -> None
     expected = straight.model.trainable_state_dict()
     got = resumed.model.trainable_state_dict()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_saved_state_resumes_only_its_own_run(tmp_path: Path) -> None:
+    """Another run's state under the same --out (other data, other starting adapters) is refused with
+    what differs; it used to be resumed, giving the first run's adapters for the second run's data."""
+    out = tmp_path / "a.pt"
+    run(tiny_engine(), out, steps=2)
+    assert out.with_name(out.name + ".state").is_file()
+
+    other = tiny_engine()
+    voxels, labels = synthetic_pair(seed=5)
+    data = SliceData(other, [(volume_of(voxels), labels)], None)
+    with pytest.raises(MSAError, match=r"another training run \(its data differ\)"):
+        train_on(other, data, None, out, TrainConfig(steps=2, batch_size=4, eval_every=2, seed=3))
+    started = tiny_engine()
+    randomize = next(p for name, p in started.model.named_parameters() if "prompt_adapter" in name)
+    with torch.no_grad():
+        randomize.add_(0.1)
+    with pytest.raises(MSAError, match=r"its starting adapters differ"):
+        run(started, out, steps=2, resume=True)
+    assert run(tiny_engine(), out, steps=2, resume=True)["steps"] == 2  # its own run: resumed (finished)
 
 
 def test_best_adapters_are_saved_and_load_into_a_fresh_model(tmp_path: Path) -> None:

@@ -134,6 +134,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.loss = DiceCELoss(sigmoid=True)
+        self.fingerprint = self._fingerprint()
         self.step = 0
         self.best = -1.0
         self.history: list[dict] = []
@@ -315,18 +316,28 @@ class Trainer:
                 "dice_box": float(np.mean([m["box"] for m in means.values()])),
                 "per_source": {source: {**means[source], "structures": labels} for source, labels in per_source.items()}}
 
+    def _fingerprint(self) -> dict:
+        """What makes a run this run: a saved state resumes only the same options, data (by content),
+        backbone and starting adapters (taken before any step)."""
+        volumes = self.train.volumes + ([] if self.val is self.train else self.val.volumes)
+        return {"options": asdict(self.config), "data": [v.key for v in volumes],
+                "backbone": self.model.backbone_hash(), "starting adapters": trainable_sha256(self.model)}
+
     def save_state(self) -> None:
         atomic_save({"step": self.step, "best": self.best, "history": json.dumps(self.history),
                      "trainable": self.model.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "config": json.dumps(asdict(self.config))},
+                     "scheduler": self.scheduler.state_dict(), "run": json.dumps(self.fingerprint)},
                     self.state_path)
 
     def resume(self) -> bool:
         if not self.state_path.is_file():
             return False
         state = read_checkpoint(self.state_path)
-        if json.loads(state["config"]) != asdict(self.config):
-            raise MSAError(f"{self.state_path} was written with other training options; remove it or match them")
+        saved, this = json.loads(state.get("run", "{}")), self.fingerprint
+        differ = [key for key in this if saved.get(key) != this[key]]
+        if differ:
+            raise MSAError(f"{self.state_path} is the state of another training run (its {', '.join(differ)} "
+                           f"differ): start over with --restart, or remove it")
         self.model.load_state_dict(state["trainable"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -348,11 +359,8 @@ class Trainer:
             if on_progress is not None:
                 on_progress(self.step, self.config.steps, self.history[-1] if self.history else {})
         bar.close()
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.model.trainable_state_dict().items()):
-            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
         return {"steps": self.step, "best_score": self.best, "history": self.history, "adapters": str(self.out),
-                "rank": self.rank, "trainable_sha256": digest.hexdigest(),
+                "rank": self.rank, "trainable_sha256": trainable_sha256(self.model),
                 "encoded_slices": self.engine.encoded_slices}  # full encoder passes: 0 when the cache was warm
 
     def _evaluate_and_save(self, mean_loss: float, seconds: float) -> None:
@@ -369,6 +377,13 @@ class Trainer:
             write_curves(self.history, self.out)
         if self.world > 1:
             dist.barrier()
+
+
+def trainable_sha256(model: MSA) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.trainable_state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def selection_score(record: dict) -> float:
