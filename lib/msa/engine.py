@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -32,6 +33,7 @@ class EmbeddingCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.in_flight: dict[tuple, Future] = {}  # keys an engine is encoding now (engine.embeddings)
 
     def __contains__(self, key: tuple) -> bool:
         return key in self._items
@@ -106,7 +108,8 @@ class Engine:
             self._counters.open = open_counters
 
     def _encoded(self, slices: int) -> None:
-        self.encoded_slices += slices
+        with self.cache.lock:  # requests encode concurrently
+            self.encoded_slices += slices
         for counter in getattr(self._counters, "open", []):
             counter.slices += slices
 
@@ -137,30 +140,69 @@ class Engine:
 
     @torch.no_grad()
     def embeddings(self, volume: Volume, ks: list[int]) -> torch.Tensor:
-        """(len(ks), C, h, w) image embeddings of slices ks, encoding only those not cached."""
+        """(len(ks), C, h, w) image embeddings of slices ks, encoding only those not cached.
+
+        The cache lock is held only to look up and to reserve: the encoder runs outside it, so a
+        request whose slices are cached never waits for another image's encoding. An encoder pass
+        (a batch in 2D, a slab in 3D) in flight is reserved: a second request for its slices waits
+        for that pass instead of running it again."""
         # Embeddings from stored (float16) trunks differ slightly from a full float32 pass: keep them apart.
         model_key = (self.model.encoder_key(), self.store is not None)
-        with self.cache.lock:  # one encoder run at a time; concurrent requests wait for the cache
-            found = {k: self.cache.get((model_key, volume.key, volume.modality, k)) for k in ks} if self.use_cache else {}
-            missing = [k for k in ks if found.get(k) is None]
-            units = self._units(volume, missing)
-            if self.store is not None:  # the trunks of every missing slice first, in batches
-                self.ensure_trunks(volume, sorted({k for unit in units for k in unit}))
-            for unit in tqdm(units, desc="encoding", unit="pass", disable=not self.progress or len(units) < 2):
-                depth = len(unit) if self.slab_depth > 1 else 1
-                if self.store is not None:
-                    trunk = self.trunks(volume, unit).to(self.model.device, torch.float32)
-                    out = self.model.image_encoder.from_block(trunk, self._trunk_block(None), depth)
-                else:
-                    images = self.model_input(volume, unit).to(self.model.device)
-                    out = self.model.encode(images, depth=depth)
-                    self._encoded(len(unit))
-                for k, emb in zip(unit, out):
-                    # A compact copy: a view would keep the whole batch (a whole slab in 3D) alive after eviction.
-                    found[k] = emb.clone()
-                    if self.use_cache:
-                        self.cache.put((model_key, volume.key, volume.modality, k), found[k])
+
+        def key(k: int) -> tuple:
+            return model_key, volume.key, volume.modality, k
+
+        if not self.use_cache:
+            found: dict[int, torch.Tensor] = {}
+            for unit in self._units(volume, sorted(set(ks))):
+                found.update(zip(unit, self._encode(volume, unit)))
             return torch.stack([found[k] for k in ks])
+        waiting: dict[int, Future] = {}
+        with self.cache.lock:
+            found = {k: self.cache.get(key(k)) for k in ks}
+            missing = sorted(k for k in set(ks) if found[k] is None)
+            for k in missing:  # slices another request is encoding now
+                if key(k) in self.cache.in_flight:
+                    waiting[k] = self.cache.in_flight[key(k)]
+            units = self._units(volume, [k for k in missing if k not in waiting])
+            owned = {k: Future() for unit in units for k in unit}
+            for k, future in owned.items():
+                self.cache.in_flight[key(k)] = future
+        try:
+            if self.store is not None and owned:  # the trunks of every slice first, in batches
+                self.ensure_trunks(volume, sorted(owned))
+            for unit in tqdm(units, desc="encoding", unit="pass", disable=not self.progress or len(units) < 2):
+                out = self._encode(volume, unit)
+                with self.cache.lock:
+                    for k, emb in zip(unit, out):
+                        self.cache.put(key(k), emb)
+                        self.cache.in_flight.pop(key(k), None)
+                for k, emb in zip(unit, out):
+                    found[k] = emb
+                    owned.pop(k).set_result(emb)
+        finally:
+            if owned:  # the encoder failed: release the rest, and tell whoever waits on them
+                with self.cache.lock:
+                    for k in owned:
+                        self.cache.in_flight.pop(key(k), None)
+                for future in owned.values():
+                    future.set_exception(RuntimeError("the encoder pass for this slice failed in another request"))
+        for k, future in waiting.items():
+            found[k] = future.result()
+        return torch.stack([found[k] for k in ks])
+
+    def _encode(self, volume: Volume, unit: list[int]) -> list[torch.Tensor]:
+        """One encoder pass over `unit` (a batch, or a whole slab in 3D): compact per-slice embeddings."""
+        depth = len(unit) if self.slab_depth > 1 else 1
+        if self.store is not None:
+            trunk = self.trunks(volume, unit).to(self.model.device, torch.float32)
+            out = self.model.image_encoder.from_block(trunk, self._trunk_block(None), depth)
+        else:
+            images = self.model_input(volume, unit).to(self.model.device)
+            out = self.model.encode(images, depth=depth)
+            self._encoded(len(unit))
+        # Compact copies: a view would keep the whole batch (a whole slab in 3D) alive after eviction.
+        return [emb.clone() for emb in out]
 
     @torch.no_grad()
     def trunks(self, volume: Volume, ks: list[int], block: int | None = None) -> torch.Tensor:

@@ -150,6 +150,67 @@ def test_concurrent_requests_each_count_their_own_encodings(tiny_model, small_ct
     assert encoded.slices == 0
 
 
+def _held_encoder(engine: Engine, volume):
+    """Make `engine` stop inside the encoder for `volume` until released -> (inside, release) events."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+    encode = engine.model_input
+
+    def held(vol, ks):
+        if vol.key == volume.key:
+            inside.set()
+            assert release.wait(60), "never released"
+        return encode(vol, ks)
+
+    engine.model_input = held
+    return inside, release
+
+
+def test_a_cached_slice_answers_while_another_image_is_encoded(tiny_model, small_ct, tmp_path):
+    """The encoder runs outside the cache lock: a request whose slices are cached is not held up by
+    another request's encoding (the lock used to be held over the whole encoder loop)."""
+    import threading
+
+    engine = Engine(tiny_model)
+    cached, slow = load_image(small_ct), load_image(write_volume(tmp_path / "slow.nii.gz", synthetic_ct(seed=3)))
+    engine.predict(cached, 4, box=BOX)
+    inside, release = _held_encoder(engine, slow)
+    encoding = threading.Thread(target=engine.embeddings, args=(slow, [0, 1, 2]))
+    encoding.start()
+    try:
+        assert inside.wait(30)
+        answered = threading.Thread(target=engine.predict, args=(cached, 4), kwargs={"box": BOX})
+        answered.start()
+        answered.join(30)
+        assert not answered.is_alive(), "a cached click waited for another image's encoding"
+    finally:
+        release.set()
+        encoding.join(60)
+    assert engine.encoded_slices == 4
+
+
+def test_two_requests_for_the_same_slices_encode_them_once(tiny_model, small_ct):
+    """A second request for slices being encoded waits for that pass and gets its embeddings."""
+    import threading
+
+    engine = Engine(tiny_model, batch_size=4)
+    volume = load_image(small_ct)
+    inside, release = _held_encoder(engine, volume)
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", engine.embeddings(volume, [1, 2, 3])))
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=lambda: results.setdefault("second", engine.embeddings(volume, [3, 2, 5])))
+    second.start()
+    second.join(1)  # it is waiting for the first request's pass (slices 2, 3) and encodes slice 5 itself
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert engine.encoded_slices == 4  # slices 1, 2, 3 once, and 5
+    assert torch.equal(results["second"][0], results["first"][2]) and torch.equal(results["second"][1], results["first"][1])
+
+
 def test_cache_budget_bounds_the_engine(tiny_model, tiny_volume):
     probe = Engine(tiny_model)
     one = probe.embeddings(tiny_volume, [0])[0]
