@@ -100,6 +100,18 @@ class Server:
         raise AssertionError(f"a training task still runs after {timeout} s\n{self.log_tail()}")
 
 
+def start_isolated_server(tmp: Path, conf: dict[str, str] | None = None, env: dict[str, str] | None = None,
+                          studies_files: dict[str, Path] | None = None) -> Server:
+    """A server in `tmp` with its own studies/ (holding copies of `studies_files`: name -> file) and
+    its own TMP/ (`server.tmp / "TMP"`) as TMPDIR, so that tests see whatever it leaves behind."""
+    studies, temp = tmp / "studies", tmp / "TMP"
+    studies.mkdir()
+    temp.mkdir()
+    for name, path in (studies_files or {}).items():
+        (studies / name).write_bytes(path.read_bytes())
+    return start_server(tmp, studies, tmp / "model", conf=conf, env={"TMPDIR": str(temp), **(env or {})})
+
+
 def start_server(tmp: Path, studies: Path, model_dir: Path, conf: dict[str, str] | None = None,
                  env: dict[str, str] | None = None) -> Server:
     """`conf`: more --conf options; `env`: environment entries over server_env's (e.g. TMPDIR)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from app_helpers import Server, files_under, sha256_tree, start_server, stop_server
+from app_helpers import Server, files_under, sha256_tree, start_isolated_server, stop_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -79,11 +79,7 @@ def payloads(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Payloa
 
 @pytest.fixture(scope="module")
 def server(payloads: Payloads, tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("server")
-    studies, temp = tmp / "studies", tmp / "TMP"
-    studies.mkdir()
-    temp.mkdir()
-    running = start_server(tmp, studies, tmp / "model", env={"TMPDIR": str(temp)})
+    running = start_isolated_server(tmp_path_factory.mktemp("server"))
     answer = requests.put(f"{running.url}/datastore/image", params={"image": TINY}, timeout=60,
                           files={"file": ("tiny.nii.gz", payloads.files["tiny image"])})
     assert answer.status_code == 200, answer.text[:300]

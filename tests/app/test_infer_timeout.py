@@ -14,7 +14,7 @@ import time
 
 import pytest
 import requests
-from app_helpers import MAIN_ID, Server, Study, files_under, sha256_tree, start_server, stop_server
+from app_helpers import MAIN_ID, Server, Study, files_under, sha256_tree, start_isolated_server, stop_server
 
 DISCARDED = "discarded the result of an inference that finished after its request timed out"
 LATE_TIMEOUT = 600.0  # for the inference that goes on after the 503 (a CPU shared with other work)
@@ -22,12 +22,8 @@ LATE_TIMEOUT = 600.0  # for the inference that goes on after the 503 (a CPU shar
 
 @pytest.fixture(scope="module")
 def server(study: Study, tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("server")
-    studies, temp = tmp / "studies", tmp / "TMP"
-    studies.mkdir()
-    temp.mkdir()
-    running = start_server(tmp, studies, tmp / "model", env={
-        "TMPDIR": str(temp), "MONAI_LABEL_INFER_CONCURRENCY": "1", "MONAI_LABEL_INFER_TIMEOUT": "0"})
+    running = start_isolated_server(tmp_path_factory.mktemp("server"), env={
+        "MONAI_LABEL_INFER_CONCURRENCY": "1", "MONAI_LABEL_INFER_TIMEOUT": "0"})
     answer = requests.put(f"{running.url}/datastore/image", params={"image": MAIN_ID}, timeout=120,
                           files={"file": ("x.nii.gz", study.image.read_bytes())})
     assert answer.status_code == 200, answer.text[:300]

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 
@@ -25,7 +24,7 @@ from app_helpers import (
     Study,
     files_under,
     read_json,
-    start_server,
+    start_isolated_server,
     stop_server,
 )
 
@@ -37,13 +36,9 @@ TORCH_CACHE = "torchinductor_"
 
 @pytest.fixture(scope="module")
 def server(study: Study, tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("server")
-    studies, temp = tmp / "studies", tmp / "TMP"
-    studies.mkdir()
-    temp.mkdir()
-    shutil.copy(study.image, studies / f"{MAIN_ID}.nii.gz")  # unlabeled: start-up scoring scores it
-    running = start_server(tmp, studies, tmp / "model", conf={"cors_origins": ALLOWED, "allowed_clients": LAN},
-                           env={"TMPDIR": str(temp), "MONAI_LABEL_AUTO_UPDATE_SCORING": "true"})
+    running = start_isolated_server(  # the image is unlabeled: start-up scoring scores it
+        tmp_path_factory.mktemp("server"), conf={"cors_origins": ALLOWED, "allowed_clients": LAN},
+        env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "true"}, studies_files={f"{MAIN_ID}.nii.gz": study.image})
     yield running
     stop_server(running)
 
