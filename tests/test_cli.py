@@ -74,3 +74,21 @@ def test_unknown_backbone_is_a_one_line_error(capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, lines
     assert "vit_q" in lines[0]
+
+
+def test_help_starts_without_torch():
+    """`msa --help` and every subcommand's help build their parser without importing torch, monai or
+    segment_anything (they took 10-30 s to import), and the package's public names still resolve."""
+    code = ("import sys; import msa.cli as cli; cli.build_parser(); "
+            "heavy = sorted(m for m in ('torch', 'monai', 'segment_anything') if m in sys.modules); "
+            "print(','.join(heavy))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"imported at start-up: {result.stdout.strip()}"
+    for command in ("segment", "eval", "train", "pretrain", "bench", "params"):
+        help_run = run_msa(command, "--help")
+        assert help_run.returncode == 0 and "usage: msa " + command in help_run.stdout, help_run.stderr
+    names = subprocess.run([sys.executable, "-c", "from msa import BACKBONES, build_model, MSA; "
+                            "from msa.names import BACKBONE_NAMES; assert tuple(BACKBONES) == BACKBONE_NAMES; "
+                            "print(build_model.__module__)"], capture_output=True, text=True, timeout=120)
+    assert names.returncode == 0 and names.stdout.strip() == "msa.modeling.build", names.stderr

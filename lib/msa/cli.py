@@ -7,6 +7,7 @@ import json
 import sys
 
 from .errors import MSAError
+from .names import BACKBONE_NAMES, PROTOCOLS
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
@@ -200,9 +201,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    from .modeling.build import BACKBONES
-
-    parser.add_argument("--backbone", default="lite_medsam", choices=sorted(BACKBONES))
+    parser.add_argument("--backbone", default="lite_medsam", choices=sorted(BACKBONE_NAMES))
     parser.add_argument("--checkpoint", help="backbone weights file (default for lite_medsam: the bundled one)")
     parser.add_argument("--adapters", help="adapter file (default: the adapters shipped for the backbone)")
     parser.add_argument("--no-adapters", action="store_true", help="the backbone alone (zero adapters)")
@@ -213,9 +212,6 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluate import PROTOCOLS
-    from .modeling.build import BACKBONES
-
     parser = _Parser(prog="msa", description="Medical SAM Adapter: interactive medical segmentation")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -300,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     params = commands.add_parser("params", help="count total and trainable parameters of a backbone with adapters")
-    params.add_argument("--backbone", default="lite_medsam", choices=sorted(BACKBONES))
+    params.add_argument("--backbone", default="lite_medsam", choices=sorted(BACKBONE_NAMES))
     params.add_argument("--three-d", action="store_true", help="with the 3D depth branch")
     params.add_argument("--json", action="store_true", help="print JSON")
     params.set_defaults(func=_cmd_params)

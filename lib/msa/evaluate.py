@@ -23,10 +23,10 @@ from .data import Case, Source, Structures
 from .engine import Engine
 from .errors import MSAError
 from .io import load_image, resample_labels_to, reslice
+from .names import PROTOCOLS
 from .overlay import save_overlay
 from .session import Session
 
-PROTOCOLS = ("box", "click1", "click3", "roi", "3d-click")
 MIN_SLICE_VOXELS = 10  # smaller cross-sections are the structure's tips: too few pixels to score
 
 

@@ -14,6 +14,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from ..errors import MSAError
+from ..names import BACKBONE_NAMES
 from .adapter import AdapterConfig
 from .mask_decoder import MSAMaskDecoder
 from .msa import MSA, MSAConfig
@@ -68,6 +69,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         decoder_mlp_dim=64, decoder_heads=2, pixel_mean=UNIT_PIXEL_MEAN, pixel_std=UNIT_PIXEL_STD, decoder="head",
     ),
 }
+assert tuple(BACKBONES) == BACKBONE_NAMES, "msa.names.BACKBONE_NAMES lists the backbones for the command line"
 
 
 def build_backbone(name: str) -> tuple[torch.nn.Module, PromptEncoder, MaskDecoder]:
