@@ -9,6 +9,8 @@ and ROI boxes, and active-learning retraining of the adapters.
 --conf three_d      true | false (default false): encode slabs of slices with the depth branch
 --conf device       cpu | cuda | cuda:N (default cpu)
 --conf cache_mb     embedding cache size (default 2048)
+--conf runtime      auto (default: openvino on a CPU, torch on CUDA) | openvino | torch
+--conf precision    fp32 (default, exact) | bf16 (openvino, where the CPU has bfloat16)
 --conf labels       comma-separated structure names the infer tasks list
 --conf cors_origins browser origins allowed to call the server (default: none; see lib/policy.py)
 --conf allowed_hosts  host names besides IP addresses, localhost and this machine's name

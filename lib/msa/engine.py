@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .io import Volume
 from .modeling.msa import MSA
+from .runtime import OpenVINOEncoder, TorchEncoder
 from .store import FeatureStore
 from .transforms import PRESETS, SliceGeometry, apply_window, slice_to_rgb
 
@@ -74,8 +75,10 @@ class Engine:
 
     def __init__(self, model: MSA, cache_bytes: int = 2 << 30, slab_depth: int = 8, batch_size: int = 4,
                  use_cache: bool = True, progress: bool = False, cache: EmbeddingCache | None = None,
-                 store: FeatureStore | None = None) -> None:
+                 store: FeatureStore | None = None, encoder: TorchEncoder | OpenVINOEncoder | None = None) -> None:
         self.model = model.eval()
+        # Where the image encoder runs (msa.runtime): PyTorch unless given, e.g. OpenVINO on a CPU.
+        self.encoder = encoder if encoder is not None else TorchEncoder(self.model)
         self.cache = cache if cache is not None else EmbeddingCache(cache_bytes)  # may be shared by engines
         # With a store, each slice's trunk (the backbone's input of the model's first adapted encoder block)
         # is kept on disk, and embeddings are computed from it: only the adapted blocks run (msa.store).
@@ -94,6 +97,11 @@ class Engine:
         self.encoded_slices = 0  # how many slice encodings the encoder has run: tests and stats read it
         self._counters = threading.local()  # per thread: the open count_encodings() counters
         self._windows: dict[str, tuple[float, float]] = {}
+
+    @property
+    def runtime_label(self) -> str:
+        """The encoder's runtime and precision: torch, openvino-fp32, openvino-bf16."""
+        return getattr(self.encoder, "label", self.encoder.name)
 
     @contextmanager
     def count_encodings(self):
@@ -146,8 +154,9 @@ class Engine:
         request whose slices are cached never waits for another image's encoding. An encoder pass
         (a batch in 2D, a slab in 3D) in flight is reserved: a second request for its slices waits
         for that pass instead of running it again."""
-        # Embeddings from stored (float16) trunks differ slightly from a full float32 pass: keep them apart.
-        model_key = (self.model.encoder_key(), self.store is not None)
+        # Embeddings from stored (float16) trunks, or of another runtime or precision, differ slightly from
+        # a full float32 PyTorch pass: keep them apart.
+        model_key = (self.model.encoder_key(), self.store is not None, self.runtime_label)
 
         def key(k: int) -> tuple:
             return model_key, volume.key, volume.modality, k
@@ -199,7 +208,7 @@ class Engine:
             out = self.model.image_encoder.from_block(trunk, self._trunk_block(None), depth)
         else:
             images = self.model_input(volume, unit).to(self.model.device)
-            out = self.model.encode(images, depth=depth)
+            out = self.encoder.encode(images, depth)
             self._encoded(len(unit))
         # Compact copies: a view would keep the whole batch (a whole slab in 3D) alive after eviction.
         return [emb.clone() for emb in out]
@@ -239,8 +248,7 @@ class Engine:
         encoder, device = self.model.image_encoder, self.model.device
         for start, batch in tqdm(batches, desc="encoding", unit="pass", disable=not self.progress or len(batches) < 2):
             if start < 0:
-                images = self.model.normalise(self.model_input(volume, batch).to(device))
-                out = encoder.block_input(images, block)
+                out = self.encoder.block_input(self.model_input(volume, batch).to(device), block)
                 self._encoded(len(batch))
             else:
                 lower = [self.store.get(FeatureStore.space(backbone, start), image, k) for k in batch]

@@ -3,3 +3,5 @@
 
 BACKBONE_NAMES = ("vit_b", "vit_l", "vit_h", "lite_medsam", "vit_tiny", "lite_medsam_tiny")
 PROTOCOLS = ("box", "click1", "click3", "roi", "3d-click")
+RUNTIMES = ("auto", "torch", "openvino")
+PRECISIONS = ("fp32", "bf16")

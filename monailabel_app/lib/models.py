@@ -13,6 +13,7 @@ from msa.engine import Engine
 from msa.errors import MSAError
 from msa.modeling.build import BACKBONES, default_adapters
 from msa.modeling.msa import MSA
+from msa.runtime import make_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class ModelProvider:
         self.three_d = conf_bool(conf, "three_d", False)
         self.device = conf.get("device") or None
         self.cache_bytes = int(float(conf.get("cache_mb", 2048)) * 2**20)
+        self.runtime = conf.get("runtime", "auto")  # checked when the model is built, at start-up
+        self.precision = conf.get("precision", "fp32")
         self.model_dir = Path(model_dir)
         self.published = self.model_dir / "msa_adapters.pt"
         configured = conf.get("adapters") or None
@@ -126,11 +129,16 @@ class ModelProvider:
                 logger.info(f"MSA: loading {self.backbone} ({self.mode})")
                 model, served = self.build()
                 cache = self._engine.cache if self._engine is not None else None
-                self._engine = Engine(model, cache_bytes=self.cache_bytes, cache=cache)
+                # OpenVINO exports are built in a thread, off the request path (PyTorch answers until then),
+                # and kept in the app's model folder, one per adapter file (msa.runtime).
+                encoder = make_encoder(model, self.runtime, self.precision, export_dir=self.model_dir / "openvino",
+                                       background=True)
+                self._engine = Engine(model, cache_bytes=self.cache_bytes, cache=cache, encoder=encoder)
+                encoder.prepare(self._engine.slab_depth, background=True)
                 self._current, self._loaded_stamp = (self._engine, served), stamp
                 sha = (model.adapters_meta or {}).get("sha256")
                 logger.info(f"MSA: serving adapters {served or '(none: the bare backbone)'}"
-                            + (f" (sha256 {sha[:12]})" if sha else ""))
+                            + (f" (sha256 {sha[:12]})" if sha else "") + f", encoder runtime {self._engine.runtime_label}")
             return self._engine
 
     def served(self) -> tuple[Path | None, str | None]:
