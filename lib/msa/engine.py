@@ -96,7 +96,7 @@ class Engine:
         self.refine_clicks = True
         self.encoded_slices = 0  # how many slice encodings the encoder has run: tests and stats read it
         self._counters = threading.local()  # per thread: the open count_encodings() counters
-        self._windows: dict[str, tuple[float, float]] = {}
+        self._windows: dict[tuple[str, str], tuple[float, float]] = {}
 
     @property
     def runtime_label(self) -> str:
@@ -129,9 +129,10 @@ class Engine:
 
     def model_input(self, volume: Volume, ks: list[int]) -> torch.Tensor:
         """Slices ks -> (len(ks), 3, S, S) float in [0, 255]: intensity window, RGB, resize, pad."""
-        if volume.key not in self._windows:
-            self._windows[volume.key] = PRESETS[volume.modality].window(volume.voxels)
-        window = self._windows[volume.key]
+        key = (volume.key, volume.modality)  # one image read as CT and as MR gets two windows
+        if key not in self._windows:
+            self._windows[key] = PRESETS[volume.modality].window(volume.voxels)
+        window = self._windows[key]
         geometry = self.geometry(volume)
         slices = [slice_to_rgb(apply_window(volume.voxels[k], window)) for k in ks]
         return geometry.image_to_model(torch.stack(slices))

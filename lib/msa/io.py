@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,31 @@ def _nifti_has_nonfinite(path: Path) -> bool:
     return image.get_data_dtype().kind in "fc" and not np.isfinite(np.asanyarray(image.dataobj)).all()
 
 
+_HEADER_MODALITY = re.compile(r"\b(CT|MRI?|computed tomography|magnetic resonance)\b", re.IGNORECASE)
+
+
+def guess_modality(image: sitk.Image, voxels: np.ndarray) -> str:
+    """The intensity preset of a grey image, "ct" or "mr": from what the file says, else from its values.
+
+    1. DICOM: the Modality tag (0008,0060): CT is CT, anything else gets the MR preset;
+    2. NIfTI: the header's description or intent name when it names CT or MR;
+    3. the values: CT is in Hounsfield units, where fat is about -100 and air -1000, so a minimum at
+       or below -50 means CT even when the image is cropped to the body (no air); MR magnitudes are
+       not negative, and intensity-normalised MR stays within a few units of zero.
+    An image that fits neither (a CT shifted to non-negative values, say) needs --modality.
+    """
+    if image.HasMetaDataKey("msa_modality") and image.GetMetaData("msa_modality"):
+        return "ct" if image.GetMetaData("msa_modality").upper() == "CT" else "mr"
+    for key in ("descrip", "intent_name"):
+        found = _HEADER_MODALITY.search(image.GetMetaData(key)) if image.HasMetaDataKey(key) else None
+        if found:
+            return "ct" if found.group(1).lower() in ("ct", "computed tomography") else "mr"
+    return "ct" if voxels.min() <= CT_MINIMUM else "mr"
+
+
+CT_MINIMUM = -50.0  # HU: below water by more than any noise, above fat (about -100)
+
+
 def load_image(path: str | Path, modality: str | None = None) -> Volume:
     """Open an image file or DICOM folder; `modality` ("ct" | "mr" | "rgb") overrides detection."""
     path = Path(path)
@@ -106,13 +132,7 @@ def load_image(path: str | Path, modality: str | None = None) -> Volume:
         raise ImageError(f"{path} contains NaN or infinite values")
 
     if modality is None:
-        if channels == 3:
-            modality = "rgb"
-        elif image.HasMetaDataKey("msa_modality") and image.GetMetaData("msa_modality"):
-            modality = "ct" if image.GetMetaData("msa_modality").upper() == "CT" else "mr"
-        else:
-            # CT stores Hounsfield units: air is about -1000. MR and other grey images have no negatives.
-            modality = "ct" if voxels.min() <= -500 else "mr"
+        modality = "rgb" if channels == 3 else guess_modality(image, voxels)
     if modality == "rgb" and channels != 3:
         voxels = np.repeat(voxels[..., None], 3, axis=-1)
     elif modality != "rgb" and channels == 3:

@@ -55,6 +55,55 @@ def test_positive_intensities_are_detected_as_mr(tmp_path):
     assert load_image(tmp_path / "mr.nii.gz", modality="ct").modality == "ct"
 
 
+def test_a_ct_cropped_to_the_body_is_still_ct(ct_paths, tmp_path):
+    """The sample CT cut to a box inside the body (no air; fat and lung edge at -400 HU at the lowest):
+    Hounsfield units below water mean CT. It used to take -500 HU (air) and call this MR."""
+    image = sitk.ReadImage(str(ct_paths[0]))[20:44, 32:52, :]  # i, j, k: a box inside the abdomen
+    values = sitk.GetArrayFromImage(image)
+    assert -500 < values.min() < -50  # what makes the case: no air, but fat
+    sitk.WriteImage(image, str(tmp_path / "cropped.nii.gz"))
+    assert load_image(tmp_path / "cropped.nii.gz").modality == "ct"
+
+
+@pytest.mark.parametrize("description, expected", [("MR T2 HASTE", "mr"), ("Computed tomography, venous", "ct"),
+                                                   ("CT abdomen", "ct")])
+def test_the_nifti_description_names_the_modality(ct_paths, tmp_path, description, expected):
+    """What the file says wins over its values: a CT stored shifted to non-negative values whose header
+    says CT is CT; an MR whose values went negative in preprocessing but whose header says MR is MR."""
+    import nibabel as nib
+
+    source = nib.load(str(ct_paths[0]))
+    values = np.asanyarray(source.dataobj).astype(np.int16)
+    if expected == "ct":
+        values = values + 1100  # non-negative: the values alone say MR
+    image = nib.Nifti1Image(values, source.affine, source.header)
+    image.header["descrip"] = description.encode()  # as scanners' converters (dcm2niix) fill it
+    nib.save(image, str(tmp_path / "described.nii.gz"))
+    assert load_image(tmp_path / "described.nii.gz").modality == expected
+
+
+def test_one_image_read_as_ct_and_as_mr_gets_each_presets_window(tiny_model, ct_paths):
+    """The engine's intensity window is per (image, preset): reading the same file as MR after CT must
+    not reuse the CT window (the embedding keys already carried the preset; the window did not)."""
+    from msa.engine import Engine
+    from msa.transforms import PRESETS
+
+    engine = Engine(tiny_model)
+    as_ct, as_mr = load_image(ct_paths[0], modality="ct"), load_image(ct_paths[0], modality="mr")
+    assert as_ct.key == as_mr.key
+    ct_input = engine.model_input(as_ct, [15])
+    mr_input = engine.model_input(as_mr, [15])
+    assert not torch_equal(ct_input, mr_input)
+    assert torch_equal(mr_input, Engine(tiny_model).model_input(as_mr, [15]))
+    assert PRESETS["ct"].window(as_ct.voxels) != PRESETS["mr"].window(as_mr.voxels)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
 def test_save_labels_overwrites_atomically_and_rejects_wrong_shape(tmp_path):
     volume = load_image(write_volume(tmp_path / "ct.nii.gz", synthetic_ct(shape=(4, 10, 12))))
     target = tmp_path / "labels.nii.gz"
