@@ -69,6 +69,7 @@ class Session:
         self.stop_iou = stop_iou  # below this predicted IoU, likewise
         self.unchanged_dice = unchanged_dice  # a re-propagated slice this close to before: stop
         self.tracks: dict[int, Track] = {}
+        self.decoded = 0  # engine.predict calls so far: what a prompt cost in decoder work (the server reports it)
 
     # -- prompts ---------------------------------------------------------------------------------
 
@@ -192,6 +193,7 @@ class Session:
     def _segment(self, k: int, box: Box | None, points=None) -> tuple[np.ndarray, float]:
         if box is None and not any(p[2] == 1 for p in points or ()):
             return np.zeros(self.shape_kji[1:], dtype=bool), 0.0  # nothing says where the structure is
+        self.decoded += 1
         logits, iou = self.engine.predict(self.volume, k, points=points or None, box=box)
         return logits > 0, iou
 

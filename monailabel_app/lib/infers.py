@@ -18,6 +18,7 @@ from msa.session import Session
 
 from .models import ModelProvider
 from .params import InferParams
+from .sessions import DEFAULT_CLIENT, SessionKey, SessionStore, Stored
 
 RESULT_PREFIX = "msa-result-"  # one folder per answer, removed once it is sent (lib/routes.py)
 
@@ -54,15 +55,20 @@ class MSAInfer(InferTask):
 
     dimension 3: the mask is propagated through the volume (slice-coherent);
     dimension 2: only slice `slice` (default: the slice of the first click) is segmented.
+
+    Sessions are kept between requests (lib/sessions.py): a request that adds clicks to the previous
+    one's applies only the new ones. msa_2d goes through the same store, keyed by its slice.
     """
 
-    def __init__(self, provider: ModelProvider, labels: list[str], dimension: int, volumes: VolumeCache) -> None:
+    def __init__(self, provider: ModelProvider, labels: list[str], dimension: int, volumes: VolumeCache,
+                 sessions: SessionStore | None = None) -> None:
         kind = "3D, slice-coherent propagation" if dimension == 3 else "2D, one slice"
         super().__init__(type=InferType.DEEPGROW, labels=labels, dimension=dimension,
                          description=f"MSA (Medical SAM Adapter): clicks and ROI boxes, {kind}",
                          config={"result_extension": ".nii.gz"})
         self.provider = provider
         self.volumes = volumes
+        self.sessions = sessions if sessions is not None else SessionStore()
 
     def is_valid(self) -> bool:
         return True
@@ -80,18 +86,29 @@ class MSAInfer(InferTask):
         foreground, background = params.foreground, params.background
         roi = list(params.roi) or None
         engine = self.provider.engine()
-        session = Session(engine, volume)
-        propagate = self.dimension == 3
         if self.dimension == 2:
             foreground = [p for p in foreground if int(p[2]) == k]
             background = [p for p in background if int(p[2]) == k]
             roi = roi[:4] + [k, k] if roi is not None else None  # the ROI's box, on slice k
+        model = (engine.model.encoder_key(), (engine.model.adapters_meta or {}).get("sha256"))
+        key = SessionKey(params.client_id or DEFAULT_CLIENT, (volume.key, volume.modality), params.label,
+                         self.dimension, k, model)
+        stored = self.sessions.take(key)  # out of the store while this request works on it
+        added = stored.new_points(roi, foreground, background) if stored is not None else None
+        if added is None:  # a new session: every prompt, roi first, then foreground, then background
+            session, state, added = Session(engine, volume), "new", (foreground, background)
+        else:
+            session = stored.session
+            session.engine = engine  # the provider's current engine: the same model, and it counts encodings
+            state = "extended" if added[0] or added[1] else "same"
+        decoded_before = session.decoded
+        propagate = self.dimension == 3
         with engine.count_encodings() as encoded:  # this request's own (others run on the same engine)
-            if roi is not None:
+            if state == "new" and roi is not None:
                 session.add_roi(roi, propagate=propagate)
-            for point in foreground:
+            for point in added[0]:
                 session.add_point(point, positive=True, propagate=propagate)
-            for point in background:
+            for point in added[1]:
                 session.add_point(point, positive=False, propagate=propagate)
             mask = session.mask(1).astype(np.uint8)
         # A folder of its own per answer: MONAI Label deletes the file once sent, and a client on the
@@ -104,11 +121,15 @@ class MSAInfer(InferTask):
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        # Back only after success: an exception above drops the session, half-updated or not.
+        self.sessions.put(key, Stored(session, roi, foreground, background))
         label = params.label
         meta = engine.model.adapters_meta or {}
         return path, {
             "label_names": {label or "foreground": 1},
             "encoder_passes": encoded.slices,  # 0: every slice came from the cache
+            "session": state,  # "new" (every prompt applied), "extended" (only the new points), "same"
+            "decoded_slices": session.decoded - decoded_before,  # decoder work of this request
             "slices": int(mask.any(axis=(1, 2)).sum()),
             "backbone": engine.model.config.backbone,
             "adapters_sha256": meta.get("sha256"),
