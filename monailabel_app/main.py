@@ -78,7 +78,7 @@ class MSAApp(MONAILabelApp):
         except MSAError as exc:
             _cannot_start(exc)
         self.volumes = VolumeCache()
-        self.confidence = ConfidenceScoring(self.provider, self.volumes)  # the uncertainty strategy uses it too
+        self.confidence = ConfidenceScoring(self.provider, self.volumes)
         self.scoring_runner = ScoringRunner(self.scoring)
         self.structure_labels = [s.strip() for s in conf.get("labels", ",".join(DEFAULT_LABELS)).split(",") if s.strip()]
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="MSA",
@@ -102,7 +102,9 @@ class MSAApp(MONAILabelApp):
         return {"msa_confidence": self.confidence}
 
     def init_strategies(self):
-        return {"random": RandomUnlabeled(), "first": First(), "uncertainty": LeastConfident(self.confidence)}
+        # uncertainty ranks the stored scores and hands missing or stale ones to the scoring thread.
+        uncertainty = LeastConfident(self.provider, lambda: self.scoring_runner.submit(["msa_confidence"]))
+        return {"random": RandomUnlabeled(), "first": First(), "uncertainty": uncertainty}
 
     def _load_sessions(self, load: bool = False):
         # Sessions store uploads outside the datastore, unchecked and unbounded; infer takes datastore

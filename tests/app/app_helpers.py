@@ -101,14 +101,23 @@ class Server:
 
 
 def start_isolated_server(tmp: Path, conf: dict[str, str] | None = None, env: dict[str, str] | None = None,
-                          studies_files: dict[str, Path] | None = None) -> Server:
+                          studies_files: dict[str, Path] | None = None,
+                          image_info: dict[str, dict] | None = None) -> Server:
     """A server in `tmp` with its own studies/ (holding copies of `studies_files`: name -> file) and
-    its own TMP/ (`server.tmp / "TMP"`) as TMPDIR, so that tests see whatever it leaves behind."""
+    its own TMP/ (`server.tmp / "TMP"`) as TMPDIR, so that tests see whatever it leaves behind.
+    `image_info`: image id -> info written through MONAI Label's datastore before the server starts
+    (it may hold keys that clients cannot write, as a server of an earlier run would have left them)."""
     studies, temp = tmp / "studies", tmp / "TMP"
     studies.mkdir()
     temp.mkdir()
     for name, path in (studies_files or {}).items():
         (studies / name).write_bytes(path.read_bytes())
+    if image_info:
+        from monailabel.datastore.local import LocalDatastore
+
+        store = LocalDatastore(str(studies), extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=False)
+        for image_id, info in image_info.items():
+            store.update_image_info(image_id, info)
     return start_server(tmp, studies, tmp / "model", conf=conf, env={"TMPDIR": str(temp), **(env or {})})
 
 
@@ -153,6 +162,22 @@ def stop_server(server: Server) -> None:
         os.killpg(server.process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def wait_for_scores(server: Server, image_ids, model: str, tries: int = 600) -> dict[str, dict]:
+    """Polls /datastore/image/info (at most `tries` times, 0.5 s apart) until every image has an
+    `msa_confidence` score made by `model` (the serving adapters' sha256); image id -> score."""
+    scores = {}
+    for _ in range(tries):
+        for image_id in image_ids:
+            info = requests.get(f"{server.url}/datastore/image/info", params={"image": image_id}, timeout=30).json()
+            if (info.get("msa_confidence") or {}).get("model") == model:
+                scores[image_id] = info["msa_confidence"]
+        if len(scores) == len(image_ids):
+            return scores
+        time.sleep(0.5)
+    raise AssertionError(f"scores by {model[:12]} for {sorted(scores)} of {sorted(image_ids)} after {tries} tries"
+                         f"\n{server.log_tail()}")
 
 
 @dataclass(frozen=True)

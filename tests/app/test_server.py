@@ -24,7 +24,7 @@ import requests
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from app_helpers import COPY_ID, read_json, snapshot, status_of
+from app_helpers import COPY_ID, read_json, snapshot, status_of, wait_for_scores
 
 TRAIN_TIMEOUT = 300.0
 
@@ -215,14 +215,15 @@ def test_saved_label_and_next_sample_strategies(server, client, labeled, fresh_i
     picked = client.next_sample("random", {})
     assert picked.get("id") in unlabeled, picked
 
+    # uncertainty never scores inside the request: the first answer is random while the scoring
+    # thread scores the unlabeled images; once they carry the served adapters' scores, it ranks them.
     picked = client.next_sample("uncertainty", {})
     assert picked.get("id") in unlabeled, picked
-    scores = {}
-    for image_id in unlabeled:
-        info = requests.get(f"{server.url}/datastore/image/info", params={"image": image_id}, timeout=30).json()
-        assert "msa_confidence" in info, info
-        scores[image_id] = info["msa_confidence"]["confidence"]
-        assert 0.0 <= scores[image_id] <= 1.0 + 1e-6, info["msa_confidence"]
+    assert picked.get("selection", "").startswith("random"), picked
+    found = wait_for_scores(server, sorted(unlabeled), server.info()["msa"]["adapters_sha256"])
+    scores = {image_id: score["confidence"] for image_id, score in found.items()}
+    assert all(0.0 <= score <= 1.0 + 1e-6 for score in scores.values()), found
+    picked = client.next_sample("uncertainty", {})
     assert picked["id"] == min(scores, key=scores.get), (picked, scores)
     assert "msa_confidence" not in client.datastore()["objects"][labeled]["image"]["info"]  # labeled: not scored
 
