@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 
 from . import multipart
@@ -61,6 +62,9 @@ class MSAClient:
     timeout: float = 30.0  # info, datastore
     infer_timeout: float = 900.0  # the first request on an image encodes its slices: minutes on a CPU
     log: list[RequestRecord] = field(default_factory=list)
+    # Names this Slicer to the server, which keeps one interactive session per client, image and label:
+    # a click then costs only what it changes. Two Slicers on one server must not share sessions.
+    client_id: str = field(default_factory=lambda: f"msa-slicer-{uuid.uuid4().hex[:12]}")
 
     def __post_init__(self) -> None:
         url = (self.url or "").strip().rstrip("/")
@@ -177,7 +181,7 @@ class MSAClient:
 
     def infer(self, model: str, image_id: str, params: dict) -> InferAnswer:
         """POST /infer/{model}: prompts in voxel indices of the stored image -> label file + params."""
-        body, content_type = multipart.encode({"params": json.dumps(params)}, {})
+        body, content_type = multipart.encode({"params": json.dumps({**params, "client_id": self.client_id})}, {})
         started = time.perf_counter()
         _, headers, data = self._request("POST", f"/infer/{urllib.parse.quote(model)}",
                                          {"image": image_id, "output": "all"}, body, content_type,

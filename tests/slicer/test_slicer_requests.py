@@ -106,3 +106,28 @@ def test_train_progress_reads_the_train_tasks_stats():
     assert train_progress(done) == (100, "DONE, step 100/100, best 1-click Dice 0.850, box Dice 0.910")
     failed = {"status": "FAILED", "error": "no final labels in the datastore yet"}
     assert train_progress(failed) == (0, "FAILED, no final labels in the datastore yet")
+
+
+def test_a_second_click_extends_this_slicers_session_and_not_another_slicers(liver_run, liver_case):
+    """The extension names itself to the server (client_id), so the server's interactive session of
+    this Slicer answers a click added to the same prompts by applying only that click ("extended", no
+    encoder work); another Slicer sending the same prompts gets a session of its own ("new")."""
+    import dataclasses
+
+    from MSAExtensionLib import Segmenter
+
+    segmenter, volume = liver_run.segmenter, liver_run.volume
+    prompts = case_prompts(liver_case)
+    first = run_request(segmenter.client, segmenter.images, segmenter.request(volume, prompts, dimension=3))
+    # A negative click in a corner of the ROI, on the clicked slice: added to the same prompts.
+    corner = list(liver_case.roi_world_min[:2]) + [liver_case.point_world[2]]
+    more = dataclasses.replace(prompts, negative=[corner])
+    second = run_request(segmenter.client, segmenter.images, segmenter.request(volume, more, dimension=3))
+    assert second.params["session"] == "extended", second.params
+    assert second.params["encoder_passes"] == 0
+    assert first.params["session"] in ("new", "extended", "same")
+
+    other = Segmenter(MSAClient(segmenter.client.url))
+    assert other.client.client_id != segmenter.client.client_id
+    answer = run_request(other.client, other.images, other.request(volume, prompts, dimension=3))
+    assert answer.params["session"] == "new", answer.params
