@@ -11,6 +11,7 @@ and ROI boxes, and active-learning retraining of the adapters.
 --conf cache_mb     embedding cache size (default 2048)
 --conf runtime      auto (default: openvino on a CPU, torch on CUDA) | openvino | torch
 --conf precision    fp32 (default, exact) | bf16 (openvino, where the CPU has bfloat16)
+--conf export_dir   OpenVINO exports (default: $MSA_EXPORT_DIR, else MODEL_DIR/openvino)
 --conf labels       comma-separated structure names the infer tasks list
 --conf cors_origins browser origins allowed to call the server (default: none; see lib/policy.py)
 --conf allowed_hosts  host names besides IP addresses, localhost and this machine's name

@@ -68,6 +68,9 @@ class ModelProvider:
         self.runtime = conf.get("runtime", "auto")  # checked when the model is built, at start-up
         self.precision = conf.get("precision", "fp32")
         self.model_dir = Path(model_dir)
+        # OpenVINO exports: --conf export_dir, else $MSA_EXPORT_DIR (shared by servers on one machine), else
+        # the app's model folder.
+        self.export_dir = Path(conf.get("export_dir") or os.environ.get("MSA_EXPORT_DIR") or self.model_dir / "openvino")
         self.published = self.model_dir / "msa_adapters.pt"
         configured = conf.get("adapters") or None
         if configured and not Path(configured).is_file():
@@ -131,7 +134,7 @@ class ModelProvider:
                 cache = self._engine.cache if self._engine is not None else None
                 # OpenVINO exports are built in a thread, off the request path (PyTorch answers until then),
                 # and kept in the app's model folder, one per adapter file (msa.runtime).
-                encoder = make_encoder(model, self.runtime, self.precision, export_dir=self.model_dir / "openvino",
+                encoder = make_encoder(model, self.runtime, self.precision, export_dir=self.export_dir,
                                        background=True)
                 self._engine = Engine(model, cache_bytes=self.cache_bytes, cache=cache, encoder=encoder)
                 encoder.prepare(self._engine.slab_depth, background=True)
