@@ -155,9 +155,10 @@ class Engine:
         request whose slices are cached never waits for another image's encoding. An encoder pass
         (a batch in 2D, a slab in 3D) in flight is reserved: a second request for its slices waits
         for that pass instead of running it again."""
-        # Embeddings from stored (float16) trunks, or of another runtime or precision, differ slightly from
-        # a full float32 PyTorch pass: keep them apart.
-        model_key = (self.model.encoder_key(), self.store is not None, self.runtime_label)
+        # Embeddings from stored (float16) trunks, or computed in bf16, differ slightly from a full float32
+        # pass: keep them apart. fp32 in PyTorch and in OpenVINO agree within 1e-5 and share entries, so a
+        # server whose OpenVINO export becomes ready mid-session does not encode a volume again.
+        model_key = (self.model.encoder_key(), self.store is not None, self.encoder.precision)
 
         def key(k: int) -> tuple:
             return model_key, volume.key, volume.modality, k

@@ -60,6 +60,7 @@ class TorchEncoder:
     """The model's own PyTorch forward: the reference, and the runtime on CUDA and for training."""
 
     name = "torch"
+    precision = "fp32"
 
     def __init__(self, model: MSA) -> None:
         self.model = model

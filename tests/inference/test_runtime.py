@@ -163,3 +163,16 @@ def test_real_litemedsam_openvino_masks_equal_pytorch(lite_medsam, ct_volume, ct
             assert np.array_equal(a > 0, b > 0), (k, label)
             compared += 1
     assert compared >= 4
+
+
+def test_fp32_runtimes_share_cached_embeddings(tiny_model, tiny_volume, tmp_path):
+    """A server answers with PyTorch until its OpenVINO export is ready: the slices PyTorch encoded are
+    not encoded again in OpenVINO (fp32 in both, within 1e-5), so a session's next click stays cheap."""
+    from msa.engine import Engine
+    from msa.runtime import OpenVINOEncoder
+
+    torch_engine = Engine(tiny_model)
+    torch_engine.embeddings(tiny_volume, [0, 1])
+    ov_engine = Engine(tiny_model, cache=torch_engine.cache, encoder=OpenVINOEncoder(tiny_model, export_dir=tmp_path))
+    ov_engine.embeddings(tiny_volume, [0, 1, 2])
+    assert ov_engine.encoded_slices == 1  # slice 2 only
