@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 import pytest
-from monailabel.client import MONAILabelClient
 
 from app_helpers import APP_DIR, FRESH_ID, MAIN_ID, Server, Study, start_isolated_server, stop_server, wait_for_scores
 
@@ -81,11 +80,6 @@ def server(study: Study, tmp_path_factory: pytest.TempPathFactory):
         image_info={MAIN_ID: {"msa_confidence": STALE}})
     yield running
     stop_server(running)
-
-
-@pytest.fixture(scope="module")
-def client(server: Server, tmp_path_factory: pytest.TempPathFactory):
-    return MONAILabelClient(server.url, tmpdir=str(tmp_path_factory.mktemp("client")))
 
 
 @pytest.fixture(scope="module")
