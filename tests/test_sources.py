@@ -157,7 +157,7 @@ def test_train_3d_slabs_from_a_2d_adapter_file(folder: Path, tmp_path: Path, cap
               "--encoder-blocks", "1", "--cache-dir", str(tmp_path / "cache"), "--val", f"{folder}::cases=3"]
     assert msa.cli.main(["train", f"{folder}::cases=0-2", "--out", str(tmp_path / "2d.pt"), *common]) == 0
     assert msa.cli.main(["train", f"{folder}::cases=0-2", "--out", str(tmp_path / "3d.pt"), "--three-d",
-                         "--slab-depth", "4", "--adapters", str(tmp_path / "2d.pt"), *common]) == 0
+                         "--adapters", str(tmp_path / "2d.pt"), *common]) == 0
     state = msa.checkpoint.read_checkpoint(tmp_path / "3d.pt")
     assert state["metadata"]["three_d"] is True
     # The file says what it was trained on and from which adapter file it started.
@@ -186,33 +186,48 @@ def test_eval_in_another_direction_and_on_a_union(folder: Path, capsys) -> None:
     assert summary["per_label"]["adrenal"]["n"] == 5 and summary["per_label"]["abdomen"]["n"] == 31
 
 
-def test_slabs_are_consecutive_slices_even_when_samples_are_strided(folder: Path, tmp_path: Path) -> None:
-    """stride thins the samples, not the slices a slab is cut from; a held-out sample is never trained on."""
+def test_training_slabs_are_the_slabs_inference_encodes(folder: Path, tmp_path: Path) -> None:
+    """One slab rule (msa.engine.slab_of): a 3D training sample's embedding, computed from the cached inputs
+    of the trained block, is exactly what the engine's full 3D pass gives that slice at inference, also when
+    samples are strided and the labelled slices do not start on the grid; held-out samples never train."""
     write_case(tmp_path, 11, depth=12)
-    engine = Engine(msa.build_model("lite_medsam_tiny", pretrained=False, three_d=True))
+    labels = sitk.ReadImage(str(tmp_path / "case11_labels.nii.gz"))
+    array = sitk.GetArrayFromImage(labels)
+    array[:2] = 0  # labelled slices 2-11: a slab centred on a sample, or starting at slice 2, is off the grid
+    cut = sitk.GetImageFromArray(array)
+    cut.CopyInformation(labels)
+    sitk.WriteImage(cut, str(tmp_path / "case11_labels.nii.gz"))
+    torch.manual_seed(0)
+    model = msa.build_model("lite_medsam_tiny", pretrained=False, three_d=True)
+    with torch.no_grad():  # a trained depth branch in the last block (the one that trains on slabs) only
+        for name, param in model.named_parameters():
+            if name.startswith("image_encoder.layers.3.") and "depth_adapter." in name:
+                param.add_(0.5 * torch.randn_like(param))
+    engine = Engine(model, slab_depth=4)
     data = SliceData.from_sources(engine, [parse_source(f"{tmp_path}/case11.nii.gz:{tmp_path}/case11_labels.nii.gz"
                                                         "::stride=3")])
-    assert sorted({s.k for s in data.samples}) == [0, 3, 6, 9]
-    rng = np.random.default_rng(0)
+    assert sorted({s.k for s in data.samples}) == [2, 5, 8, 11]
     for anchor in data.samples:
-        ks = data.slab(anchor, 4, rng)
-        assert anchor.k in ks and ks == list(range(ks[0], ks[0] + 4))
+        assert data.slab(anchor.case, anchor.k) == list(range(anchor.k // 4 * 4, anchor.k // 4 * 4 + 4))
 
     from msa.store import FeatureStore
     from msa.trainers.finetune import TrainConfig, Trainer
 
     engine.store = FeatureStore(tmp_path / "features")
-    config = TrainConfig(batch_size=8, slab_depth=4, encoder_blocks=1)
     data.held_out = {(0, k, "1") for k in range(12) if k % 2}  # odd slices of structure 1: validation only
-    trainer = Trainer(engine, data, data.samples[:1], data, config, tmp_path / "a.pt")
+    trainer = Trainer(engine, data, data.samples[:1], data, TrainConfig(batch_size=8, encoder_blocks=1), tmp_path / "a.pt")
     data.prepare(3, slabs=True)
+    inference = Engine(model, slab_depth=4)  # no store: the whole encoder, in 3D, on the engine's slabs
     seen = set()
     for step in range(6):
         samples, embeddings = trainer._slab_batch(np.random.default_rng(step))
         assert len(samples) == len(embeddings)
+        for sample, embedding in zip(samples, embeddings):
+            expected = inference.embeddings(data.volumes[sample.case], [sample.k])[0]
+            torch.testing.assert_close(embedding.detach(), expected, atol=1e-4, rtol=1e-4)
         seen |= {(s.k, s.label) for s in samples}
     assert not {(k, "1") for k in range(1, 12, 2)} & seen
-    assert {(k, "1") for k in range(0, 12, 2)} & seen and any(k % 3 for k, _ in seen)  # slab slices, not just anchors
+    assert {(k, "1") for k in range(2, 12, 2)} & seen and any(k % 3 != 2 for k, _ in seen)  # slab slices, not just anchors
 
 
 def test_a_2d_adapter_file_serves_a_3d_model_as_2d_and_says_so(tmp_path: Path, caplog) -> None:
@@ -231,3 +246,38 @@ def test_a_2d_adapter_file_serves_a_3d_model_as_2d_and_says_so(tmp_path: Path, c
     images = Engine(model_2d).model_input(load_image(write_case(tmp_path, 12)[0]), [0, 1, 2, 3])
     with torch.no_grad():
         assert torch.allclose(model_3d.encode(images, depth=4), model_2d.encode(images), atol=1e-5)
+
+
+def sidecar_cases(folder: Path, names: dict[int, dict[int, str]]) -> None:
+    """case<n>.nii.gz + _labels.nii.gz (labels 1 and 2) with its own names in case<n>_labels.json."""
+    folder.mkdir()
+    for number, table in names.items():
+        write_case(folder, number)
+        (folder / f"case{number:02d}_labels.json").write_text(json.dumps({"labels": table}))
+
+
+def test_label_names_resolve_against_every_case_not_the_first(tmp_path: Path) -> None:
+    """Each case names its labels in its own sidecar JSON: a name is checked against every case
+    when the source is parsed (before any image is read), and one that a case does not know is an
+    error naming that case; the same name may mean another id in another case."""
+    data = tmp_path / "sidecars"
+    sidecar_cases(data, {0: {1: "liver", 2: "adrenal"}, 1: {1: "adrenal", 2: "liver"}, 2: {1: "liver", 2: "spleen"}})
+    with pytest.raises(MSAError, match=r"unknown label 'adrenal' in 1 of 3 cases: case02_labels.nii.gz "
+                                       r"\(names known in case02_labels.nii.gz: liver, spleen\)"):
+        parse_source(f"{data}::labels=adrenal")
+    with pytest.raises(MSAError, match=r"unknown label 'spleen' in 2 of 3 cases: case00_labels.nii.gz, "
+                                       r"case01_labels.nii.gz"):
+        parse_source(f"{data}::labels=liver,spleen")
+    source = parse_source(f"{data}::labels=adrenal::cases=0-1")  # both know it, under other ids
+    assert [source.structures(case, {0, 1, 2}) for case in source.cases] == [{"adrenal": (2,)}, {"adrenal": (1,)}]
+    assert parse_source(f"{data}::labels=liver,1").labels == "liver,1"  # ids need no name
+
+
+def test_a_label_is_present_when_any_case_holds_it_under_its_own_id(tmp_path: Path) -> None:
+    """The first case calls id 5 'adrenal' but its map holds only 1 and 2; the second case's
+    'adrenal' is its label 2, which its map holds: the label is present."""
+    data = tmp_path / "sidecars"
+    sidecar_cases(data, {0: {1: "liver", 2: "spleen", 5: "adrenal"}, 1: {1: "liver", 2: "adrenal"}})
+    parse_source(f"{data}::labels=adrenal").check_labels_present()
+    with pytest.raises(MSAError, match="label 'adrenal' is not present in case00_labels.nii.gz"):
+        parse_source(f"{data}::labels=adrenal::cases=0").check_labels_present()

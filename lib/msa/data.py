@@ -189,16 +189,17 @@ class Source:
     def check_labels_present(self) -> None:
         """MSAError naming a requested label that no case's label map holds (read before any
         encoding; a label missing from some cases only, a removed gallbladder say, is fine)."""
-        requested = resolve_labels(self.labels, self.cases[0].names) if self.cases else {}
-        if not requested:
+        tokens = _label_tokens(self.labels)
+        if not tokens or not self.cases:
             return
+        check_label_names(self.labels, self.cases)  # each case resolves a name with its own names
         from .io import label_values
 
-        present: set[int] = set()
-        for case in self.cases:
-            present |= label_values(case.labels)
-        for label, name in requested.items():
-            if label not in present:
+        present = [label_values(case.labels) for case in self.cases]
+        for token in tokens:
+            if not any(label in values for case, values in zip(self.cases, present)
+                       for label in resolve_labels(token, case.names)):
+                name = next(iter(resolve_labels(token, self.cases[0].names).values()))
                 where = self.cases[0].labels.name if len(self.cases) == 1 else f"any of the {len(self.cases)} cases"
                 raise MSAError(f"label {name!r} is not present in {where}")
 
@@ -243,17 +244,41 @@ def parse_source(spec: str, split: str | None = None, labels: str | None = None)
         raise MSAError(f"{spec}: stride must be >= 1 and weight > 0")
     source = Source(name=values.get("name", _default_name(data)), cases=cases, labels=values.get("labels", labels),
                     whole=values.get("whole"), preset=preset, axes=axes, stride=stride, weight=weight)
-    resolve_labels(source.labels, cases[0].names)  # unknown names fail now, before any image is read
+    check_label_names(source.labels, cases)  # unknown names fail now, before any image is read
     return source
+
+
+def _label_tokens(requested: str | None) -> list[str]:
+    if not requested or requested == "none":
+        return []
+    return [t.strip() for t in requested.split(",") if t.strip()]
+
+
+def check_label_names(requested: str | None, cases: list[Case]) -> None:
+    """MSAError unless every case knows every requested label name: each case has its own names
+    (a sidecar JSON per label map), so a name may mean another id, or nothing, in another case."""
+    if not cases:
+        return
+    if all(case.names == cases[0].names for case in cases):  # one set of names (a datalist, labels.json)
+        resolve_labels(requested, cases[0].names)
+        return
+    for token in _label_tokens(requested):
+        if token.isdigit():
+            continue
+        missing = [case for case in cases if token not in case.names.values()]
+        if missing:
+            shown = ", ".join(case.labels.name for case in missing[:5]) + (
+                f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            known = ", ".join(sorted(set(missing[0].names.values()))) or "none: use label ids"
+            raise MSAError(f"unknown label {token!r} in {len(missing)} of {len(cases)} cases: {shown} "
+                           f"(names known in {missing[0].labels.name}: {known})")
 
 
 def resolve_labels(requested: str | None, names: dict[int, str]) -> dict[int, str]:
     """`spleen,5` -> {1: 'spleen', 5: 'liver'} (names from `names`, ids as given); {} for None."""
-    if not requested or requested == "none":
-        return {}
     by_name = {v: k for k, v in names.items()}
     out = {}
-    for token in (t.strip() for t in requested.split(",") if t.strip()):
+    for token in _label_tokens(requested):
         if token.isdigit():
             out[int(token)] = names.get(int(token), token)
         elif token in by_name:
