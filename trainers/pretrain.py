@@ -156,9 +156,10 @@ def pretrain(engine: Engine, volumes: list[Volume], out, config: PretrainConfig 
     summary = {k: {"first": float(np.mean([h[k] for h in first])), "last": float(np.mean([h[k] for h in last]))}
                for k in history[0]}
     engine.model.eval()
+    data = {"images": len(volumes), "slices": len(trainer.slices)}
     save_adapters(engine.model, out, extra={"pretraining": {"objectives": list(config.objectives),
-                                                              "steps": config.steps, "losses": summary}})
-    return {"adapters": str(out), "steps": config.steps, "losses": summary}
+                                                              "steps": config.steps, **data, "losses": summary}})
+    return {"adapters": str(out), "steps": config.steps, **data, "losses": summary}
 
 
 __all__ = ["OBJECTIVES", "PretrainConfig", "pretrain"]

@@ -212,16 +212,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .io import load_image
+    from .io import list_images, load_image
     from .trainers.pretrain import PretrainConfig, pretrain
 
-    paths = []
-    for item in args.images:
-        path = Path(item)
-        if path.is_dir() and not any(p.suffix == ".dcm" for p in path.iterdir()):
-            paths += sorted(p for p in path.iterdir() if p.name.endswith((".nii", ".nii.gz", ".nrrd", ".mha")))
-        else:
-            paths.append(path)
+    paths = [image for item in args.images for image in list_images(Path(item))]  # DICOM by content, too
     if not paths:
         raise MSAError("no images to pretrain on")
     volumes = [load_image(p) for p in paths]
@@ -320,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.set_defaults(func=_cmd_train)
 
     pretrainer = commands.add_parser("pretrain", help="self-supervised encoder-adapter pretraining (MAE, e-Mix, ShED)")
-    pretrainer.add_argument("images", nargs="+", help="unlabeled images, DICOM folders, or folders of images")
+    pretrainer.add_argument("images", nargs="+", help="unlabeled images, DICOM folders (files with or without .dcm), or folders of those")
     pretrainer.add_argument("--out", required=True, help="adapter file to write (start msa train from it)")
     pretrainer.add_argument("--objectives", default="mae,emix,shed", help="any of mae, emix, shed")
     pretrainer.add_argument("--steps", type=int, default=200)

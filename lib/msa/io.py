@@ -52,6 +52,42 @@ class Volume:
         return self._key
 
 
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+DICOM_MAGIC = b"DICM"  # at byte 128 of a DICOM Part 10 file, after the preamble
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """A DICOM file, by name (.dcm) or by content ('DICM' at byte 128): PACS exports often name
+    their files without an extension (IM0001, 1.2.840...)."""
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return path.is_file()
+    if path.name.lower().endswith(VOLUME_SUFFIXES + RGB_SUFFIXES):
+        return False
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == DICOM_MAGIC
+    except OSError:  # a folder, a file we may not read
+        return False
+
+
+def is_dicom_folder(path: str | Path) -> bool:
+    """A folder holding DICOM files (by is_dicom_file's rule): load_image reads it as one series."""
+    path = Path(path)
+    return path.is_dir() and any(is_dicom_file(p) for p in sorted(path.iterdir()) if p.is_file())
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """The images a path names: a file or a DICOM folder is one image; any other folder gives its
+    volume files (NIfTI, NRRD, MHA / MHD) and its DICOM subfolders, sorted by name."""
+    path = Path(path)
+    if not path.is_dir() or is_dicom_folder(path):
+        return [path]
+    return [p for p in sorted(path.iterdir())
+            if (p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)) or is_dicom_folder(p)]
+
+
 def _read_sitk(path: Path) -> sitk.Image:
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
