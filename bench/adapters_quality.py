@@ -36,13 +36,13 @@ def main() -> None:
     backbone = Engine(build_model("lite_medsam"), progress=True)
     adapters = args.adapters or default_adapters("lite_medsam")
     msa_engine = Engine(build_model("lite_medsam", adapters=adapters), cache=backbone.cache, progress=True)
-    backbone.refine_clicks = msa_engine.refine_clicks = not args.no_refine
     results = {}
     for protocol in args.protocols.split(","):
         for name, engine in (("backbone", backbone), ("msa", msa_engine)):
             start = time.time()
             results[f"{protocol}/{name}"] = evaluate(engine, cases, protocol, labels=args.labels,
-                                                     noc=args.noc and protocol == "click1")
+                                                     noc=args.noc and protocol == "click1",
+                                                     refine_clicks=not args.no_refine)
             results[f"{protocol}/{name}"]["seconds"] = round(time.time() - start, 1)
     labels = list(next(iter(results.values()))["per_label"])
     print(f"adapters: {adapters}; click refinement {'off' if args.no_refine else 'on'}\n")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from msa.checkpoint import atomic_save, read_checkpoint, save_adapters
 from msa.data import Source
-from msa.engine import Engine
+from msa.engine import Engine, prompt_tensors
 from msa.errors import MSAError
 from msa.evaluate import MIN_SLICE_VOXELS, interior_point
 from msa.metrics import dice
@@ -67,7 +67,6 @@ class TrainConfig:
     val_every_nth_image: int = 5  # without validation data, hold out every n-th image (slices.split_validation)
     scales: list[float] = field(default_factory=lambda: [1.0])  # in-plane zooms of the training volumes
     val_per_structure: int = 24  # validation samples per (source, structure), spread over its slices; 0: all
-    slab_depth: int = 8  # 3D models with encoder_blocks: consecutive slices encoded together per sample
 
     def __post_init__(self) -> None:
         if not (0 <= self.box_probability and 0 <= self.box_click_probability
@@ -78,8 +77,8 @@ class TrainConfig:
         if self.encoder_blocks < 0 or (self.encoder_blocks and self.train_encoder):
             raise MSAError("encoder_blocks must be >= 0, and it trains part of what train_encoder trains: "
                            "choose one of them")
-        if self.slab_depth < 1 or self.val_per_structure < 0:
-            raise MSAError("slab_depth must be >= 1 and val_per_structure >= 0")
+        if self.val_per_structure < 0:
+            raise MSAError("val_per_structure must be >= 0")
 
 
 @dataclass
@@ -120,7 +119,7 @@ class Trainer:
         # 3D with encoder_blocks: slabs of cached per-slice inputs. While the blocks before the trained ones
         # have zero adapters (depth adapters included), their output is the 2D pass, slice by slice; so the
         # stacked inputs of a slab's slices are exactly what the full 3D pass feeds the first trained block.
-        self.slabs = config.encoder_blocks > 0 and self.model.config.three_d and config.slab_depth > 1
+        self.slabs = config.encoder_blocks > 0 and engine.slab_depth > 1
         trained_blocks = blocks if config.train_encoder else blocks[len(blocks) - config.encoder_blocks:]
         encoder_params = {id(p) for block in trained_blocks for p in block.parameters()}
         self.params = [p for name, p in self.model.named_parameters()
@@ -158,29 +157,19 @@ class Trainer:
 
     def _decode(self, embeddings: torch.Tensor, samples: list[Sample], clicks: list | None, boxes: list | None,
                 model: MSA | None = None):
-        """Batched prompt encoder + decoder; returns low-res logits (B, 1, s, s) and IoU (B, 1)."""
-        device = embeddings.device
-        points = box = None
-        if clicks is not None:
-            n = max(len(c) for c in clicks)
-            coords = torch.zeros(len(samples), n, 2)
-            labels = -torch.ones(len(samples), n)  # -1: padding, ignored by the prompt encoder
-            for b, (s, cs) in enumerate(zip(samples, clicks)):
-                coords[b, :len(cs)] = self.train.geometry(s).coords_to_model(np.array([c[:2] for c in cs]))
-                labels[b, :len(cs)] = torch.tensor([float(c[2]) for c in cs])
-            points = (coords.to(device), labels.to(device))
-        if boxes is not None:
-            box = torch.stack([self.train.geometry(s).boxes_to_model(np.array(bx)) for s, bx in zip(samples, boxes)])
-            box = box.to(device)
+        """Batched prompt encoder + decoder (the engine's prompt path, msa.engine.prompt_tensors) on the
+        single-mask output, which MSA trains; returns low-res logits (B, 1, s, s) and IoU (B, 1)."""
+        points, box = prompt_tensors([self.train.geometry(s) for s in samples], clicks, boxes, embeddings.device)
         with self.autocast:
             low_res, iou = (model or self.model).decode(embeddings, points, box, None, multimask_output=False)
         return low_res.float(), iou.float()
 
     def _decode_prompts(self, embeddings: torch.Tensor, samples: list[Sample], prompts: list[Prompt]):
-        """_decode for mixed prompts: one batched call per kind (clicks / box / both), results in order."""
+        """_decode for mixed prompts: one batched call per kind (clicks / box / both) and click count (padding
+        shorter click lists would add tokens inference never sends), results in order."""
         low_res, iou = [None] * len(samples), [None] * len(samples)
-        for kind in sorted({p.kind for p in prompts}):
-            picked = [b for b, p in enumerate(prompts) if p.kind == kind]
+        for group in sorted({(p.kind, len(p.clicks or ())) for p in prompts}):
+            picked = [b for b, p in enumerate(prompts) if (p.kind, len(p.clicks or ())) == group]
             out = self._decode(embeddings[picked], [samples[b] for b in picked],
                                [prompts[b].clicks for b in picked] if prompts[picked[0]].clicks else None,
                                [prompts[b].box for b in picked] if prompts[picked[0]].box else None)
@@ -272,12 +261,11 @@ class Trainer:
         return float(loss.detach())
 
     def _slab_batch(self, rng: np.random.Generator) -> tuple[list[Sample], torch.Tensor]:
-        """3D: slabs of consecutive slices around drawn samples, encoded together from their cached inputs;
-        every slice of a slab that holds the drawn structure is a sample."""
-        depth = self.config.slab_depth
+        """3D: the engine's slabs (msa.engine.slab_of) of drawn samples, encoded together from their cached
+        inputs; every slice of a slab that holds the drawn structure is a sample."""
         samples, rows, out = [], [], []
-        for anchor in self.train.draw(rng, max(1, self.config.batch_size // depth)):
-            ks = self.train.slab(anchor, depth, rng)
+        for anchor in self.train.draw(rng, max(1, self.config.batch_size // self.engine.slab_depth)):
+            ks = self.train.slab(anchor.case, anchor.k)
             inputs = self.train.engine.trunks(self.train.volumes[anchor.case], ks, self.train.first_trained_block)
             with self.autocast:
                 out.append(self.model.image_encoder.from_block(inputs.to(self.model.device, torch.float32),
@@ -299,7 +287,8 @@ class Trainer:
         for s in self.val_samples:
             target = self.val.target(s)
             j, i = interior_point(target)
-            logits, _ = self.engine.predict(self.val.volumes[s.case], s.k, points=[(i, j, 1)])
+            # the single-mask output, which training trains (a bare or pretrained model would default to multimask)
+            logits, _ = self.engine.predict(self.val.volumes[s.case], s.k, points=[(i, j, 1)], multimask_output=False)
             click = dice(logits > 0, target)
             rows, cols = np.nonzero(target)
             logits, _ = self.engine.predict(self.val.volumes[s.case], s.k,
@@ -437,7 +426,6 @@ def train_on(engine: Engine, data: SliceData, val: SliceData | None, out: str | 
     Slices are encoded once, up front, into the engine's feature store (a temporary one if it has none).
     """
     engine.model.eval()  # also while training: frozen batch norms keep their statistics
-    engine.multimask_single_click = False  # we train (and so validate) the single-mask output
     torch.manual_seed(config.seed)
     if val is None:
         val = data

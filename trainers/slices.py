@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from msa.data import Source, Structures
-from msa.engine import Engine
+from msa.engine import Engine, slab_of
 from msa.errors import MSAError
 from msa.evaluate import MIN_SLICE_VOXELS
 from msa.io import Volume, load_image, resample_labels_to, reslice
@@ -126,30 +126,24 @@ class SliceData:
             out.append(self.samples[members[int(rng.integers(len(members)))]])
         return out
 
-    def slab(self, s: Sample, depth: int, rng: np.random.Generator) -> list[int]:
-        """Up to `depth` consecutive slices holding s.k, inside the run of labelled slices around it."""
-        ks = self.labelled[s.case]
-        at = ks.index(s.k)
-        lo = hi = at
-        while lo > 0 and ks[lo - 1] == ks[lo] - 1 and hi - lo + 1 < 2 * depth:
-            lo -= 1
-        while hi + 1 < len(ks) and ks[hi + 1] == ks[hi] + 1 and hi - lo + 1 < 4 * depth:
-            hi += 1
-        first, last = max(ks[lo], s.k - depth + 1), min(s.k, ks[hi] - depth + 1)
-        start = int(rng.integers(first, last + 1)) if last >= first else ks[lo]
-        return [k for k in range(start, start + depth) if k <= ks[hi]]
-
     def prepare(self, block: int | None, samples: list[Sample] | None = None, slabs: bool = False) -> None:
         """Encode, once and in batches, the trunks training reads (msa.store): the input of `block` (where
         encoder adapters train from; None: the model's first adapted block) of the slices of `samples`
-        (default: all samples), or with `slabs` of every labelled slice (slabs are cut from them)."""
+        (default: all samples), or with `slabs` of every slice of the engine's slabs (msa.engine.slab_of)
+        that hold a labelled slice."""
         self.first_trained_block = block or 0
         samples = self.samples if samples is None else samples
-        wanted = self.labelled if slabs else [sorted({s.k for s in samples if s.case == index})
-                                              for index in range(len(self.volumes))]
+        if slabs:
+            wanted = [sorted({j for k in ks for j in self.slab(index, k)}) for index, ks in enumerate(self.labelled)]
+        else:
+            wanted = [sorted({s.k for s in samples if s.case == index}) for index in range(len(self.volumes))]
         for index, ks in enumerate(tqdm(wanted, desc="encoding volumes", unit="volume",
                                         disable=not self.engine.progress or len(wanted) < 2)):
             self.engine.ensure_trunks(self.volumes[index], ks, block)
+
+    def slab(self, case: int, k: int) -> list[int]:
+        """The slices encoded together with slice k of volume `case` in 3D: the engine's slab (slab_of)."""
+        return list(slab_of(k, self.engine.slab_depth, self.volumes[case].voxels.shape[0]))
 
     def target(self, s: Sample) -> np.ndarray:
         return np.isin(self.references[s.case][s.k], self.structures[s.case][s.label])
@@ -161,7 +155,7 @@ class SliceData:
         """(B, C, h, w): from the engine's cache, or through the last `encoder_blocks` blocks of the encoder
         (from their stored inputs), or through the whole encoder (train_encoder), with gradients.
 
-        With train_encoder in 3D, each sample's slice is encoded inside a slab of slab_depth slices around it.
+        With train_encoder in 3D, each sample's slice is encoded inside its slab, as the engine encodes it.
         """
         model, depth = self.engine.model, self.engine.slab_depth
         if encoder_blocks:
@@ -175,9 +169,7 @@ class SliceData:
             return model.encode(images.to(model.device))
         out = []
         for s in samples:
-            n = self.volumes[s.case].voxels.shape[0]
-            start = max(0, min(s.k - depth // 2, n - depth))
-            ks = list(range(start, min(start + depth, n)))
+            ks = self.slab(s.case, s.k)
             slab = self.engine.model_input(self.volumes[s.case], ks).to(model.device)
             out.append(model.encode(slab, depth=len(ks))[ks.index(s.k)])
         return torch.stack(out)

@@ -180,7 +180,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          eval_every=args.eval_every, train_encoder=args.train_encoder,
                          encoder_blocks=args.encoder_blocks, scales=_parse_scales(args.scales),
-                         slab_depth=args.slab_depth, val_per_structure=args.val_per_structure,
+                         val_per_structure=args.val_per_structure,
                          **{k: v for k, v in (("box_probability", args.box_probability),
                                               ("box_click_probability", args.box_click_probability)) if v is not None})
     import torch
@@ -306,8 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--encoder-blocks", type=int, default=0, metavar="N",
                          help="train the adapters of the encoder's last N blocks too, on cached inputs of those "
                               "blocks (2D, or 3D on slabs of them; cheap enough for a CPU)")
-    trainer.add_argument("--slab-depth", type=int, default=8,
-                         help="3D with --encoder-blocks: consecutive slices encoded together (default 8)")
     trainer.add_argument("--val-per-structure", type=int, default=24,
                          help="validation slices per source and structure, spread evenly (0: all; default 24)")
     _model_options(trainer)

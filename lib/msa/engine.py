@@ -69,8 +69,8 @@ class EmbeddingCache:
 class Engine:
     """Encodes slices (cached) and decodes prompts on them, in image pixel coordinates.
 
-    slab_depth: in 3D mode (model.config.three_d), slices are encoded together in fixed slabs of
-    this many consecutive slices [0, D), [D, 2D), ...; the last slab may be shorter.
+    slab_depth: in 3D mode (model.config.three_d), slices are encoded together in the fixed slabs of
+    this many consecutive slices that `slab_of` gives (training slabs by the same rule).
     """
 
     def __init__(self, model: MSA, cache_bytes: int = 2 << 30, slab_depth: int = 8, batch_size: int = 4,
@@ -87,13 +87,6 @@ class Engine:
         self.batch_size = batch_size
         self.use_cache = use_cache
         self.progress = progress  # a progress bar when one call encodes several batches
-        # SAM answers a lone click with three candidate masks and we keep the most confident; MSA
-        # adapters are trained on the single-mask output, so with adapters loaded we use that one.
-        self.multimask_single_click = model.adapters_meta is None
-        # Clicks alone leave a structure's extent to the model; boxes are what SAM segments best. So a
-        # click-only prompt is decoded twice: the box of the first mask (the parts under the positive
-        # clicks) joins the clicks for the answer. MSA adapters are trained for that second prompt.
-        self.refine_clicks = True
         self.encoded_slices = 0  # how many slice encodings the encoder has run: tests and stats read it
         self._counters = threading.local()  # per thread: the open count_encodings() counters
         self._windows: dict[tuple[str, str], tuple[float, float]] = {}
@@ -141,10 +134,9 @@ class Engine:
 
     def _units(self, volume: Volume, ks: list[int]) -> list[list[int]]:
         """Group slices into encoder passes: whole slabs in 3D, batches of batch_size in 2D."""
-        depth = volume.voxels.shape[0]
         if self.slab_depth > 1:
-            slabs = sorted({k // self.slab_depth for k in ks})
-            return [list(range(s * self.slab_depth, min((s + 1) * self.slab_depth, depth))) for s in slabs]
+            slabs = {tuple(slab_of(k, self.slab_depth, volume.voxels.shape[0])) for k in ks}
+            return [list(slab) for slab in sorted(slabs)]
         return [ks[n:n + self.batch_size] for n in range(0, len(ks), self.batch_size)]
 
     @torch.no_grad()
@@ -276,42 +268,77 @@ class Engine:
         points: list[tuple[float, float, int]] | None = None,
         box: tuple[float, float, float, float] | None = None,
         mask_input: np.ndarray | None = None,
+        *,
+        multimask_output: bool | None = None,
+        refine_clicks: bool = True,
     ) -> tuple[np.ndarray, float]:
         """Mask logits (J, I) on slice k and the predicted IoU.
 
         points: (x=i, y=j, label) with label 1 positive, 0 negative; box: (x0, y0, x1, y1) = (i0, j0, i1, j1);
-        mask_input: previous logits (J, I) on this slice, as SAM's dense prompt.
+        mask_input: logits (J, I) of a previous prediction on this slice, as SAM's dense prompt.
+
+        The decode policy is per call, as SAM's predictor takes it:
+        multimask_output: a lone click (no box, no mask input) is ambiguous, so SAM decodes three candidate
+          masks and keeps the one it trusts most. None: do so unless the model's single-mask output was
+          trained for clicks (MSA adapters from fine-tuning, `MSA.single_mask_trained`).
+        refine_clicks: clicks alone leave a structure's extent to the model, and boxes are what SAM-style
+          decoders segment best; so a click-only prompt is decoded twice, the box of the first mask (its
+          parts under the positive clicks, widened by REFINE_MARGIN) joining the clicks for the answer.
         """
+        if multimask_output is None:
+            multimask_output = not self.model.single_mask_trained
         geometry = self.geometry(volume)
         embedding = self.embeddings(volume, [k])
-        logits, iou = self._decode(embedding, geometry, points, box, mask_input)
-        if self.refine_clicks and points and box is None and mask_input is None:
+        click_only = bool(points) and box is None and mask_input is None
+        logits, iou = self._decode(embedding, geometry, points, box, mask_input,
+                                   multimask_output and click_only and len(points) == 1)
+        if refine_clicks and click_only:
             refined = clicked_box(logits > 0, points, margin=REFINE_MARGIN)
             if refined is not None:
-                logits, iou = self._decode(embedding, geometry, points, refined, None)
+                logits, iou = self._decode(embedding, geometry, points, refined, None, False)
         return logits, iou
 
-    def _decode(self, embedding: torch.Tensor, geometry: SliceGeometry, points, box,
-                mask_input) -> tuple[np.ndarray, float]:
-        device = self.model.device
-        point_prompt = box_prompt = dense = None
-        if points:
-            xy = geometry.coords_to_model(np.array([[p[0], p[1]] for p in points], dtype=np.float32))
-            labels = torch.tensor([[float(p[2]) for p in points]])
-            point_prompt = (xy[None].to(device), labels.to(device))
-        if box is not None:
-            box_prompt = geometry.boxes_to_model(np.array(box, dtype=np.float32))[None].to(device)
+    def _decode(self, embedding: torch.Tensor, geometry: SliceGeometry, points, box, mask_input,
+                multimask: bool) -> tuple[np.ndarray, float]:
+        point_prompt, box_prompt = prompt_tensors([geometry], [points] if points else None,
+                                                  [box] if box is not None else None, self.model.device)
+        dense = None
         if mask_input is not None:
             side = self.model.prompt_encoder.mask_input_size[0]
             logits = torch.as_tensor(mask_input, dtype=torch.float32)[None, None]
-            dense = geometry.mask_to_model(logits, side, fill=float(logits.min())).to(device)
-        # One click alone is ambiguous: ask for three masks and keep the one the model trusts most.
-        multimask = (self.multimask_single_click and box is None and mask_input is None
-                     and points is not None and len(points) == 1)
+            dense = geometry.mask_to_model(logits, side, fill=float(logits.min())).to(self.model.device)
         low_res, iou = self.model.decode(embedding, point_prompt, box_prompt, dense, multimask_output=multimask)
         best = int(iou[0].argmax())
         logits = geometry.logits_to_image(low_res[:, best:best + 1].float().cpu())[0, 0]
         return logits.numpy(), float(iou[0, best])
+
+
+def slab_of(k: int, depth: int, n: int) -> range:
+    """The slices a 3D encoder pass takes together with slice k of a volume of n slices: the fixed grid
+    [0, D), [D, 2D), ... (the last slab may be shorter). Inference and training both slab by it, so the
+    depth branch trains on the slabs it answers on."""
+    start = k // depth * depth
+    return range(start, min(start + depth, n))
+
+
+def prompt_tensors(geometries: list[SliceGeometry], clicks: list[list[tuple[float, float, int]]] | None,
+                   boxes: list[tuple[float, float, float, float]] | None, device: torch.device):
+    """Clicks and boxes of a batch of slices, in image pixels, as the model's prompt tensors: points
+    ((B, N, 2) model coordinates, (B, N) labels) and boxes (B, 4); None where not given. The engine and
+    the trainer both prompt through it. Every slice needs the same number of clicks: padding with
+    label -1 is not neutral (the prompt encoder turns it into a "not a point" token the decoder reads)."""
+    points = box = None
+    if clicks is not None:
+        if len({len(c) for c in clicks}) != 1:
+            raise ValueError(f"a batch of prompts needs one click count, got {sorted({len(c) for c in clicks})}")
+        coords = torch.stack([geometry.coords_to_model(np.array([c[:2] for c in cs], dtype=np.float32))
+                              for geometry, cs in zip(geometries, clicks)])
+        labels = torch.tensor([[float(c[2]) for c in cs] for cs in clicks])
+        points = (coords.to(device), labels.to(device))
+    if boxes is not None:
+        box = torch.stack([geometry.boxes_to_model(np.array(bx, dtype=np.float32))
+                           for geometry, bx in zip(geometries, boxes)]).to(device)
+    return points, box
 
 
 REFINE_MARGIN = 0.1  # of the box's sides: a click's first mask often stops short of the structure's edge

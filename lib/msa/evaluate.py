@@ -54,13 +54,14 @@ NOC_TARGETS = (0.85, 0.90)
 class _SliceClicker:
     """Simulated clicks on one slice: keeps the click list, returns the engine's mask after each."""
 
-    def __init__(self, engine: Engine, volume, k: int) -> None:
+    def __init__(self, engine: Engine, volume, k: int, refine_clicks: bool = True) -> None:
         self.engine, self.volume, self.k, self.points = engine, volume, k, []
+        self.refine_clicks = refine_clicks
 
     def __call__(self, index: tuple[int, int], positive: bool) -> np.ndarray:
         j, i = index
         self.points.append((float(i), float(j), 1 if positive else 0))
-        logits, _ = self.engine.predict(self.volume, self.k, points=self.points)
+        logits, _ = self.engine.predict(self.volume, self.k, points=self.points, refine_clicks=self.refine_clicks)
         return logits > 0
 
 
@@ -72,9 +73,10 @@ def evaluate(
     noc: bool = False,
     report_dir: Path | None = None,
     overlays_per_case: int = 4,
+    refine_clicks: bool = True,
 ) -> dict:
     """Score `protocol` on every case and structure of `source` (or of plain cases, with `labels`);
-    returns the JSON-ready summary."""
+    returns the JSON-ready summary. refine_clicks: as Engine.predict's, for the slice click protocols."""
     if protocol not in PROTOCOLS:
         raise MSAError(f"unknown prompt protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if not isinstance(source, Source):
@@ -89,7 +91,8 @@ def evaluate(
         for axis in source.axes:
             view, view_map = reslice(volume, ref_map, axis)
             _evaluate_volume(engine, view, view_map, structures, protocol, source.stride, noc, per_label,
-                             case.name + ("" if axis == "k" else f"_{axis}"), report_dir, overlays, overlays_per_case)
+                             case.name + ("" if axis == "k" else f"_{axis}"), report_dir, overlays, overlays_per_case,
+                             refine_clicks)
     summary = _summarise(protocol, per_label, len(source.cases))
     summary["encoded_slices"] = engine.encoded_slices
     if report_dir is not None:
@@ -100,7 +103,7 @@ def evaluate(
 
 def _evaluate_volume(engine: Engine, volume, ref_map: np.ndarray, structures: Structures, protocol: str,
                      stride: int, noc: bool, per_label: dict[str, list[dict]], name: str,
-                     report_dir: Path | None, overlays: list[str], overlays_per_case: int) -> None:
+                     report_dir: Path | None, overlays: list[str], overlays_per_case: int, refine_clicks: bool) -> None:
     """Score every structure of one volume (as sliced for this protocol) into per_label."""
     spacing_kji = tuple(reversed(volume.geometry.GetSpacing()))
     scored = np.nonzero((ref_map > 0).any(axis=(1, 2)))[0][::stride]  # the slices 2D protocols may score
@@ -142,7 +145,7 @@ def _evaluate_volume(engine: Engine, volume, ref_map: np.ndarray, structures: St
                 points = []
             else:
                 # One simulated user serves the protocol and NoC: same click sequence.
-                clicker, clicks = _SliceClicker(engine, volume, k), 3 if protocol == "click3" else 1
+                clicker, clicks = _SliceClicker(engine, volume, k, refine_clicks), 3 if protocol == "click3" else 1
                 pred, reached = metrics.simulate_clicks(clicker, ref_k, NOC_TARGETS if noc else (), clicks,
                                                         first=(interior_point(ref_k), True))
                 points = clicker.points[:clicks]

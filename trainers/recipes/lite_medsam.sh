@@ -38,7 +38,7 @@ sources=(
 case $stage in
   2d-brain) WHOLE_BRAIN_WEIGHT=1 ASEG_WEIGHT=0.25 exec "$0" 2d "$out" --steps 300 --lr 2e-4 "$@" ;;
   2d) exec "$MSA" train "${sources[@]}" --steps 600 --batch-size 8 --lr 3e-4 --eval-every 100 "$@" ;;
-  3d) exec "$MSA" train "${sources[@]}" --three-d --slab-depth 8 --steps 200 --batch-size 16 --lr 3e-4 \
+  3d) exec "$MSA" train "${sources[@]}" --three-d --steps 200 --batch-size 16 --lr 3e-4 \
         --eval-every 100 "$@" ;;
   *) echo "usage: $0 2d|3d OUT.pt [msa train options]" >&2; exit 2 ;;
 esac

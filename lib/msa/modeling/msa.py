@@ -87,6 +87,13 @@ class MSA(nn.Module):
         return self.image_encoder.img_size
 
     @property
+    def single_mask_trained(self) -> bool:
+        """Whether the decoder's single-mask output was fine-tuned for clicks: adapters from MSA training
+        (whose file records its "training"). The backbone's own single-mask output answers a lone click
+        poorly (SAM learnt it for unambiguous prompts), and neither pretraining nor a bare model changes it."""
+        return "training" in ((self.adapters_meta or {}).get("extra") or {})
+
+    @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
