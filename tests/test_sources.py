@@ -281,3 +281,23 @@ def test_a_label_is_present_when_any_case_holds_it_under_its_own_id(tmp_path: Pa
     parse_source(f"{data}::labels=adrenal").check_labels_present()
     with pytest.raises(MSAError, match="label 'adrenal' is not present in case00_labels.nii.gz"):
         parse_source(f"{data}::labels=adrenal::cases=0").check_labels_present()
+
+
+def test_training_labels_keep_the_files_compact_integer_type(tmp_path: Path) -> None:
+    """Training holds every volume's label map in memory: a uint8 file stays uint8 (1 byte a voxel, not 8),
+    a float label map becomes integers, and the values are the file's either way."""
+    from msa.io import resample_labels_to
+
+    image, labels = msa.data.sample_ct()
+    volume = load_image(image)
+    reference = resample_labels_to(labels, volume)
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(labels)))
+    assert expected.dtype == np.uint8 and reference.dtype == np.uint8
+    assert reference.nbytes == reference.size
+    assert set(np.unique(reference).tolist()) == set(np.unique(expected).tolist())
+
+    as_float = sitk.Cast(sitk.ReadImage(str(labels)), sitk.sitkFloat32)
+    sitk.WriteImage(as_float, str(tmp_path / "float_labels.nii.gz"))
+    from_float = resample_labels_to(tmp_path / "float_labels.nii.gz", volume)
+    assert np.issubdtype(from_float.dtype, np.integer)
+    np.testing.assert_array_equal(from_float, reference)

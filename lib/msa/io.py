@@ -236,7 +236,11 @@ def resample_labels_to(labels_path: str | Path, volume: Volume) -> np.ndarray:
         raise ImageError(f"cannot read label file {labels_path}") from exc
     out = sitk.Resample(image, volume.geometry, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
     labels = sitk.GetArrayFromImage(out)
-    labels = (labels[None] if out.GetDimension() == 2 else labels).astype(np.int64)
+    labels = labels[None] if out.GetDimension() == 2 else labels
+    # The file's own integer type (uint8 for most label maps): training holds every volume's labels in
+    # memory, and int64 made a 512 x 512 x 100 map 200 MB. Float label maps (some tools write them) -> int32.
+    if not np.issubdtype(labels.dtype, np.integer):
+        labels = labels.astype(np.int32)
     if not labels.any() and np.any(sitk.GetArrayViewFromImage(image)):
         raise ImageError(f"{Path(labels_path).name} does not lie on the grid of {Path(volume.source).name}: "
                          "none of its labelled voxels falls inside the image")
