@@ -301,3 +301,31 @@ def test_training_labels_keep_the_files_compact_integer_type(tmp_path: Path) -> 
     from_float = resample_labels_to(tmp_path / "float_labels.nii.gz", volume)
     assert np.issubdtype(from_float.dtype, np.integer)
     np.testing.assert_array_equal(from_float, reference)
+
+
+def test_train_encodes_the_frozen_trunks_with_the_runtime(folder: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """--runtime openvino (auto on a CPU) encodes the trunks training reads (the input of the first trained
+    block) through an OpenVINO export, within float16 rounding of PyTorch's."""
+    pytest.importorskip("openvino", reason="openvino is a dependency of msa: install the package")
+    from msa.store import FeatureStore
+
+    exports = tmp_path / "exports"
+    monkeypatch.setenv("MSA_EXPORT_DIR", str(exports))
+    assert msa.cli.main(["train", f"{folder}::cases=0-1", "--val", f"{folder}::cases=3", "--backbone",
+                         "lite_medsam_tiny", "--steps", "1", "--batch-size", "2", "--eval-every", "1",
+                         "--encoder-blocks", "1", "--runtime", "openvino", "--cache-dir", str(tmp_path / "ov"),
+                         "--out", str(tmp_path / "o.pt")]) == 0
+    capsys.readouterr()
+    assert any(exports.iterdir())  # the export the trunks came from
+    stored = sorted((tmp_path / "ov").rglob("*.npy"))  # <space>/<image>/<k>.npy
+    assert {p.parent.parent.name.rsplit("-block", 1)[1] for p in stored} == {"3"}  # lite_medsam_tiny: 4 blocks
+    torch.manual_seed(0)  # the CLI's seed: the same random backbone
+    engine = Engine(msa.build_model("lite_medsam_tiny", pretrained=False), store=FeatureStore(tmp_path / "torch"))
+    for n in (0, 1, 3):
+        volume = load_image(folder / f"case{n:02d}.nii.gz")
+        ks = sorted(int(p.stem) for p in stored if p.parent.name.startswith(volume.key[:20]))
+        assert ks, n
+        reference = engine.trunks(volume, ks, 3).float()
+        image = next(p.parent for p in stored if p.parent.name.startswith(volume.key[:20]))
+        trunks = torch.stack([torch.from_numpy(np.load(image / f"{k}.npy")).float() for k in ks])
+        assert (trunks - reference).abs().max() <= 1e-3 * max(reference.abs().max().item(), 1.0)

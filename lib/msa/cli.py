@@ -84,8 +84,8 @@ def _engine(args: argparse.Namespace):
 
 
 def _encoder(args: argparse.Namespace, model):
-    """The encoder runtime of --runtime / --precision; PyTorch for commands without them (training changes
-    the encoder's weights at every step, and an export is per weights)."""
+    """The encoder runtime of --runtime / --precision; PyTorch for commands without them (pretraining
+    changes the encoder's weights at every step, and an export is per weights)."""
     from .runtime import make_encoder
 
     return make_encoder(model, getattr(args, "runtime", "torch"), getattr(args, "precision", "fp32"))
@@ -194,7 +194,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model = build_model(args.backbone, checkpoint=args.checkpoint, three_d=args.three_d, device=args.device)
     if args.adapters:
         load_adapters(model, args.adapters, allow_2d=True)
-    engine = Engine(model, progress=True, store=_store(args))
+    # The runtime encodes the frozen trunks up front (msa.store); the trained blocks run in PyTorch.
+    engine = Engine(model, progress=True, store=_store(args), encoder=_encoder(args, model))
     teacher = None
     if args.box_teacher:  # the 2D backbone alone (its depth branch would add nothing): box-only samples learn its answer
         torch.manual_seed(args.seed)
@@ -308,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "blocks (2D, or 3D on slabs of them; cheap enough for a CPU)")
     trainer.add_argument("--val-per-structure", type=int, default=24,
                          help="validation slices per source and structure, spread evenly (0: all; default 24)")
-    _model_options(trainer)
+    _model_options(trainer, runtime=True)  # the runtime encodes the frozen trunks
     trainer.set_defaults(func=_cmd_train)
 
     pretrainer = commands.add_parser("pretrain", help="self-supervised encoder-adapter pretraining (MAE, e-Mix, ShED)")

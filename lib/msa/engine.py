@@ -19,6 +19,7 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .errors import MSAError
 from .io import Volume
 from .modeling.msa import MSA
 from .runtime import OpenVINOEncoder, TorchEncoder
@@ -229,6 +230,9 @@ class Engine:
         between, which have zero adapters here) before the whole stem and early blocks run again.
         """
         block = self._trunk_block(block)
+        if self.encoder.precision != "fp32":  # one store serves every run: its trunks must be exact
+            raise MSAError(f"the feature store keeps fp32 encoder features; {self.encoder.precision} would mix "
+                           "with them: use --precision fp32 with --cache-dir")
         backbone, image = self.model.encoder_backbone_hash(), FeatureStore.image(volume.key, volume.modality)
         space = FeatureStore.space(backbone, block)
         missing = [k for k in ks if force or not self.store.path(space, image, k).is_file()]
