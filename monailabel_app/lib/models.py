@@ -16,6 +16,12 @@ from msa.modeling.msa import MSA
 from msa.runtime import make_encoder
 
 logger = logging.getLogger(__name__)
+LEGACY_PUBLISHED = "msa_adapters.pt"  # before published files were named by backbone and mode
+
+
+def published_name(backbone: str, three_d: bool) -> str:
+    """The file training publishes in model_dir for one backbone and mode: msa_adapters_lite_medsam_2d.pt."""
+    return f"msa_adapters_{backbone}_{'3d' if three_d else '2d'}.pt"
 
 
 def conf_bool(conf: dict, key: str, default: bool) -> bool:
@@ -46,12 +52,15 @@ class ModelProvider:
 
     Adapters: the base adapters (the --conf adapters file, else the adapters shipped with msa for the
     backbone and mode) are loaded first: a base file that does not fit is an error, and the server
-    does not start (`engine()` is called at start-up). Then the file published by training
-    (model_dir/msa_adapters.pt), when there is one and it fits the backbone and 2D/3D mode: one that
-    does not (an older format, another backbone or mode) is reported in one warning and left where
-    it is, and the base adapters serve. The published file is checked on every request (its mtime
-    and size); a new one is loaded into a fresh engine that shares the old engine's embedding cache
-    (keyed by the encoder's weights, so nothing stale).
+    does not start (`engine()` is called at start-up). Then the file published by training for this
+    backbone and mode (model_dir/msa_adapters_<backbone>_<2d|3d>.pt), when there is one and it fits:
+    one that does not (an older format, other backbone weights) is reported in one warning and left
+    where it is, and the base adapters serve. Servers started with another backbone or three_d use
+    their own file, so a file published by one never fails the other. A model_dir/msa_adapters.pt left
+    by a release that kept one file for every backbone and mode is not served: one warning at start-up
+    names it and says how to serve it (--conf adapters). The published file is checked on every
+    request (its mtime and size); a new one is loaded into a fresh engine that shares the old
+    engine's embedding cache (keyed by the encoder's weights, so nothing stale).
     """
 
     def __init__(self, conf: dict, model_dir: Path) -> None:
@@ -71,7 +80,9 @@ class ModelProvider:
         # OpenVINO exports: --conf export_dir, else $MSA_EXPORT_DIR (shared by servers on one machine), else
         # the app's model folder.
         self.export_dir = Path(conf.get("export_dir") or os.environ.get("MSA_EXPORT_DIR") or self.model_dir / "openvino")
-        self.published = self.model_dir / "msa_adapters.pt"
+        self.published = self.model_dir / published_name(self.backbone, self.three_d)
+        self.draft = self.published.with_suffix(".training.pt")  # what training writes until it ends
+        self.legacy = self.model_dir / LEGACY_PUBLISHED  # an earlier release's one file for all: not served
         configured = conf.get("adapters") or None
         if configured and not Path(configured).is_file():
             raise MSAError(f"adapters file not found: {configured} (pass --conf adapters PATH to an msa adapter file)")
@@ -125,9 +136,18 @@ class ModelProvider:
     def _stamp(self) -> tuple:
         return _file_stamp(self.published), _file_stamp(self.base_adapters)
 
+    def _warn_legacy(self) -> None:
+        if self.legacy.is_file() and (self.base_adapters is None or not self.legacy.samefile(self.base_adapters)):
+            logger.warning(f"MSA: {self.legacy} is not served: published adapters are kept per backbone and mode "
+                           f"(this server: {self.published.name}). To serve that file, start the server with "
+                           f"--conf adapters {self.legacy}; if it was trained for {self.backbone} ({self.mode}), "
+                           f"you may instead rename it to {self.published}")
+
     def engine(self) -> Engine:
         with self._lock:
             stamp = self._stamp()
+            if self._engine is None:
+                self._warn_legacy()
             if self._engine is None or stamp != self._loaded_stamp:
                 logger.info(f"MSA: loading {self.backbone} ({self.mode})")
                 model, served = self.build()

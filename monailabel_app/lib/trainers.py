@@ -43,9 +43,10 @@ def _write_json(path: Path, data: dict) -> None:
 class MSATrain(TrainTask):
     """Continues from the adapters in service; the result replaces them only when training ends.
 
-    Training writes its best adapters to model_dir/msa_adapters.training.pt; at the end that file
-    is renamed onto the published model_dir/msa_adapters.pt (one atomic rename), which the infer
-    task notices on its next request. A run killed midway never touches the published file.
+    Training writes its best adapters to a draft, model_dir/msa_adapters_<backbone>_<2d|3d>.training.pt;
+    at the end that file is renamed onto the published model_dir/msa_adapters_<backbone>_<2d|3d>.pt
+    (one atomic rename), which the infer task notices on its next request. A run killed midway never
+    touches the published file.
     """
 
     def __init__(self, provider: ModelProvider) -> None:
@@ -91,7 +92,7 @@ class MSATrain(TrainTask):
         run["images"] = len(cases)
         model_dir = self.provider.model_dir
         model_dir.mkdir(parents=True, exist_ok=True)
-        draft = model_dir / "msa_adapters.training.pt"
+        draft = self.provider.draft
         for leftover in (draft, draft.with_name(draft.name + ".state")):
             leftover.unlink(missing_ok=True)  # a killed run's draft: start clean
 

@@ -28,6 +28,8 @@ FRESH = (19, 23)  # 4 other slices: an image whose embeddings nobody has cached
 SPLEEN = 1
 MAIN_ID, FRESH_ID, COPY_ID = "ct_crop", "ct_fresh", "ct_crop_copy"  # image ids in the datastore
 START_TIMEOUT = 120.0
+# What training publishes in model_dir for the default server (lite_medsam, 2D), and its draft until a run ends.
+PUBLISHED, DRAFT = "msa_adapters_lite_medsam_2d.pt", "msa_adapters_lite_medsam_2d.training.pt"
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ import requests
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from app_helpers import COPY_ID, read_json, snapshot, status_of, wait_for_scores
+from app_helpers import COPY_ID, DRAFT, PUBLISHED, read_json, snapshot, status_of, wait_for_scores
 
 TRAIN_TIMEOUT = 300.0
 
@@ -266,7 +266,7 @@ def test_bad_input_is_a_4xx_and_changes_nothing(case, server, client, main_image
 
 def test_training_publishes_adapters_that_inference_picks_up(server, client, labeled, main_image, study):
     server.wait_until_idle()
-    published, stats_file = server.model_dir / "msa_adapters.pt", server.model_dir / "train_stats.json"
+    published, stats_file = server.model_dir / PUBLISHED, server.model_dir / "train_stats.json"
     prompt = {"foreground": [study.interior], "label": "spleen"}
     before = client.infer("msa", main_image, prompt)[1]["adapters_sha256"]
 
@@ -274,7 +274,8 @@ def test_training_publishes_adapters_that_inference_picks_up(server, client, lab
                              json={"steps": 4, "batch_size": 2, "eval_every": 2}, timeout=TRAIN_TIMEOUT)
     assert response.status_code == 200, f"{response.status_code} {response.text[:400]}\n{server.log_tail()}"
     assert published.is_file(), sorted(p.name for p in server.model_dir.iterdir())
-    assert not (server.model_dir / "msa_adapters.training.pt").exists()
+    assert not (server.model_dir / DRAFT).exists()
+    assert not (server.model_dir / "msa_adapters.pt").exists()  # the name before files were keyed by backbone
     stats = read_json(stats_file)
     assert stats.get("status") == "DONE" and stats.get("step") == 4, stats
     assert client.info()["train_stats"]["msa"]["status"] == "DONE"
@@ -302,7 +303,7 @@ def test_training_publishes_adapters_that_inference_picks_up(server, client, lab
 
 def test_killed_training_leaves_the_published_adapters_intact(server, client, labeled, main_image, study):
     server.wait_until_idle()
-    published, draft = server.model_dir / "msa_adapters.pt", server.model_dir / "msa_adapters.training.pt"
+    published, draft = server.model_dir / PUBLISHED, server.model_dir / DRAFT
     stats_file = server.model_dir / "train_stats.json"
     before = published.read_bytes() if published.is_file() else None
     old_stats = read_json(stats_file)

@@ -10,7 +10,7 @@ import sys
 
 import psutil
 import pytest
-from app_helpers import APP_DIR, MAIN_ID
+from app_helpers import APP_DIR, DRAFT, MAIN_ID, PUBLISHED
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_a_failed_run_reports_failed_and_publishes_nothing(app_lib, study, tmp_p
         task({"steps": 2, "batch_size": 1, "eval_every": 1}, datastore)
     stats = task.stats()
     assert stats["status"] == "FAILED" and "no training samples" in stats["error"], stats
-    assert not (tmp_path / "model" / "msa_adapters.pt").exists()
+    assert not (tmp_path / "model" / PUBLISHED).exists() and not (tmp_path / "model" / DRAFT).exists()
 
 
 def test_a_running_record_reads_stopped_once_its_process_is_gone(app_lib, tmp_path):
