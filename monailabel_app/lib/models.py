@@ -103,7 +103,9 @@ class ModelProvider:
         served = self.base_adapters
         if served is not None:
             try:
-                load_adapters(model, served)
+                # No 3D file ships yet: the 2D one serves a 3D model, and load_adapters warns that the
+                # depth branch then adds nothing (a 3D server answers as 2D, and says so).
+                load_adapters(model, served, allow_2d=self.three_d)
             except Exception as error:
                 raise MSAError(f"the base adapters do not fit {self.backbone} ({self.mode}): {_one_line(error)}"
                                ) from None

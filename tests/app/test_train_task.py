@@ -85,3 +85,17 @@ def test_bad_params_are_a_failed_run_not_the_previous_one(app_lib, params, key, 
     stats = task.stats()
     assert stats["status"] == "FAILED" and key in stats["error"], stats
     assert stats["start_ts"] > 1.0, stats
+
+
+def test_a_3d_server_starts_on_the_shipped_2d_adapters_and_says_it_answers_as_2d(app_lib, tmp_path, caplog):
+    """--conf three_d true with no 3D adapter file shipped: the model is built (no start-up failure), the
+    2D file serves, and a warning names it and says the depth branch adds nothing."""
+    from msa.modeling.build import default_adapters
+
+    ModelProvider, _ = app_lib
+    provider = ModelProvider({"three_d": "true", "runtime": "torch"}, tmp_path / "model")
+    with caplog.at_level("WARNING"):
+        model, served = provider.build()
+    assert model.config.three_d and served == default_adapters("lite_medsam", three_d=True)
+    assert served.name == "lite_medsam_adapters.pt"  # the 2D file: no 3D one ships
+    assert "lite_medsam_adapters.pt holds 2D adapters" in caplog.text and "adds nothing" in caplog.text
