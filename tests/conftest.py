@@ -72,44 +72,45 @@ def data_dir() -> Path:
 
 @dataclass(frozen=True)
 class SpleenSlices:
-    """Every axial slice of ct_abdomen that holds spleen, preprocessed as the project does."""
+    """Every axial slice of ct_abdomen that holds spleen, as production sees it: read by msa.io.load_image
+    (ITK's (K, J, I) array: rows j, columns i) and preprocessed by the engine (Engine.model_input)."""
 
-    ks: list[int]  # axial slice indices
-    images: torch.Tensor  # (n, 3, 256, 256) model input in [0, 255]
-    masks: np.ndarray  # (n, H, W) bool reference spleen masks on the slice grid
-    boxes: torch.Tensor  # (n, 4) tight spleen boxes in model input coordinates (x0, y0, x1, y1)
-    geometry: object  # msa.transforms.SliceGeometry(H, W, 256)
+    ks: list[int]  # axial slice indices k
+    images: torch.Tensor  # (n, 3, 256, 256) model input in [0, 255], from Engine.model_input
+    masks: np.ndarray  # (n, J, I) bool reference spleen masks on the slice grid (rows j, columns i)
+    boxes: torch.Tensor  # (n, 4) tight spleen boxes in model input coordinates (x0, y0, x1, y1), x = i
+    geometry: object  # Engine.geometry: msa.transforms.SliceGeometry(J, I, 256)
+    volume: object  # the msa.io.Volume the slices come from
+    image_boxes: np.ndarray  # (n, 4) the same boxes in image pixels (i0, j0, i1, j1), as Engine.predict takes them
 
 
 @pytest.fixture(scope="session")
-def spleen_slices(data_dir: Path) -> SpleenSlices:
-    """CTWindow (W400/L40) -> slice_to_rgb -> SliceGeometry(H, W, 256); boxes [j0, i0, j1, i1] -> model."""
-    import nibabel as nib
+def spleen_slices(data_dir: Path, lite_medsam) -> SpleenSlices:
+    """msa.io.load_image / load_labels -> Engine.model_input and Engine.geometry: the production path."""
+    from msa.engine import Engine
+    from msa.io import load_image, load_labels
 
-    from msa.transforms import CTWindow, SliceGeometry, slice_to_rgb
-
-    ct = np.asarray(nib.load(str(data_dir / CT_FILE)).dataobj)
-    labels = np.asarray(nib.load(str(data_dir / LABEL_FILE)).dataobj)
-    assert ct.shape == labels.shape == (122, 101, 30)
-    h, w, _ = ct.shape
-    geometry = SliceGeometry(h, w, 256)
-    window = CTWindow()
-    ks, images, masks, boxes = [], [], [], []
-    for k in range(ct.shape[2]):
-        mask = labels[:, :, k] == SPLEEN
-        if not mask.any():
-            continue
-        rows, cols = np.nonzero(mask)
-        ks.append(k)
-        images.append(geometry.image_to_model(slice_to_rgb(window(ct[:, :, k]))))
-        masks.append(mask)
+    volume = load_image(data_dir / CT_FILE)
+    labels = load_labels(data_dir / LABEL_FILE, volume)
+    assert volume.modality == "ct" and volume.voxels.shape == labels.shape == (30, 101, 122)  # (K, J, I)
+    engine = Engine(lite_medsam)  # preprocessing only: nothing is encoded here
+    geometry = engine.geometry(volume)
+    assert (geometry.height, geometry.width) == (101, 122)
+    ks = [k for k in range(labels.shape[0]) if (labels[k] == SPLEEN).any()]
+    masks = labels[ks] == SPLEEN
+    boxes = []
+    for mask in masks:
+        rows, cols = np.nonzero(mask)  # rows j, columns i
         boxes.append([cols.min(), rows.min(), cols.max(), rows.max()])
+    image_boxes = np.array(boxes, dtype=np.float32)
     return SpleenSlices(
         ks=ks,
-        images=torch.stack(images),
-        masks=np.stack(masks),
-        boxes=geometry.boxes_to_model(np.array(boxes, dtype=np.float32)),
+        images=engine.model_input(volume, ks),
+        masks=masks,
+        boxes=geometry.boxes_to_model(image_boxes),
         geometry=geometry,
+        volume=volume,
+        image_boxes=image_boxes,
     )
 
 

@@ -28,7 +28,7 @@ from msa.errors import MSAError
 from msa.io import Volume
 from msa.store import FeatureStore
 from msa.trainers.finetune import Prompt, TrainConfig, Trainer, train_on
-from msa.trainers.pretrain import PretrainConfig, pretrain
+from msa.trainers.pretrain import Pretrainer, PretrainConfig, pretrain
 from msa.trainers.prompts import corrective_click, jittered_box, random_clicks
 from msa.trainers.slices import SliceData, split_validation, zoom_in_plane
 
@@ -220,8 +220,8 @@ def test_ddp_two_gloo_processes_end_with_identical_adapters(tmp_path: Path) -> N
 def test_each_ssl_objective_loss_falls(objective: str, tmp_path: Path) -> None:
     engine = tiny_engine()
     voxels, _ = synthetic_pair(depth=6)
-    result = pretrain(engine, [volume_of(voxels)], tmp_path / "pre.pt",
-                      PretrainConfig(steps=40, batch_size=4, lr=1e-3, objectives=(objective,)), progress=False)
+    config = PretrainConfig(steps=40, batch_size=4, lr=1e-3, objectives=(objective,))
+    result = pretrain(engine, [volume_of(voxels)], tmp_path / "pre.pt", config, progress=False)
     losses = result["losses"][objective]
     print(objective, losses)
     assert losses["last"] < losses["first"]
@@ -229,6 +229,27 @@ def test_each_ssl_objective_loss_falls(objective: str, tmp_path: Path) -> None:
     state = read_checkpoint(tmp_path / "pre.pt")["state_dict"]
     changed = [k for k, v in state.items() if k.endswith("up.weight") and v.abs().sum() > 0]
     assert changed and all(k.startswith("image_encoder.") for k in changed)
+
+    # The loss can fall through the objective's own heads alone. What pretraining is for is the encoder
+    # adapters: on a fixed batch, the trained heads do better with the trained adapters than with the
+    # adapters put back to where they started (zero, i.e. the backbone's own embedding).
+    engine = tiny_engine()
+    torch.manual_seed(config.seed)  # as pretrain() does: the same run
+    trainer = Pretrainer(engine, [volume_of(voxels)], config)
+    adapters = {n: p for n, p in engine.model.named_parameters() if n.startswith("image_encoder.") and "_adapter." in n}
+    start = {n: p.detach().clone() for n, p in adapters.items()}
+    key = engine.model.encoder_key()
+    trainer.run(progress=False)
+    assert engine.model.encoder_key() != key  # embeddings cached before pretraining no longer apply
+    images = trainer.batch(np.random.default_rng(1234))
+    trained = trainer.evaluate(images, seed=1)[objective]
+    with torch.no_grad():
+        for n, p in adapters.items():
+            p.copy_(start[n])
+    without = trainer.evaluate(images, seed=1)[objective]
+    print(objective, "fixed batch, trained heads:", {"trained adapters": trained, "starting adapters": without})
+    # measured (trained / starting adapters): mae 0.999 / 1.208, emix 1.256 / 1.355, shed 0.574 / 0.648
+    assert trained < 0.95 * without
 
 
 def test_pretrain_then_train_through_the_cli(tmp_path: Path) -> None:

@@ -137,11 +137,18 @@ class Pretrainer:
         self.step += 1
         return {k: float(v.detach()) for k, v in losses.items()}
 
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, seed: int = 0) -> dict[str, float]:
+        """Each objective's loss on `images` with the adapters and heads as they are now, no step taken.
+        The seed fixes the masks, shuffles and mixing weights: two states of the model face the same task."""
+        return {k: float(v) for k, v in self.losses(images, np.random.default_rng(seed)).items()}
+
     def run(self, progress: bool = True) -> list[dict[str, float]]:
         history = []
         for _ in tqdm(range(self.step, self.config.steps), desc="pretraining", unit="step", disable=not progress):
             history.append(self.train_step())
         self.model.freeze_backbone()
+        self.model.adapters_changed()  # the encoder computes something else now: new embedding-cache keys
         return history
 
 
@@ -162,4 +169,4 @@ def pretrain(engine: Engine, volumes: list[Volume], out, config: PretrainConfig 
     return {"adapters": str(out), "steps": config.steps, **data, "losses": summary}
 
 
-__all__ = ["OBJECTIVES", "PretrainConfig", "pretrain"]
+__all__ = ["OBJECTIVES", "PretrainConfig", "Pretrainer", "pretrain"]

@@ -157,6 +157,69 @@ def test_number_of_clicks_caps_at_max_clicks():
     assert len(calls) == 7
 
 
+class _ScriptedModel:
+    """A model whose answer after its n-th click is fixed in advance: the top rows[n] rows of a 10 x 10
+    square, so its Dice is known, 2 r / (r + 10). It records where the simulated user clicked."""
+
+    def __init__(self, rows: list[int]) -> None:
+        self.ref = np.zeros((20, 20), dtype=bool)
+        self.ref[5:15, 5:15] = True
+        self.rows, self.clicks, self.answers = rows, [], []
+
+    def __call__(self, index, positive):
+        self.clicks.append((index, positive))
+        assert len(self.clicks) <= len(self.rows), "the simulated user clicked past the script"
+        pred = np.zeros_like(self.ref)
+        pred[5:5 + self.rows[len(self.clicks) - 1], 5:15] = True
+        self.answers.append(pred)
+        return pred.copy()
+
+
+DICE_OF_ROWS = {3: 6 / 13, 7: 14 / 17, 8: 16 / 18, 9: 18 / 19, 10: 1.0}
+
+
+def test_simulated_user_noc85_noc90_from_one_click_sequence():
+    """NoC@85 and NoC@90 exactly, as `msa eval --noc` counts them: Dice after clicks 1..4 is
+    0.46, 0.82, 0.89, 0.95, so 0.85 is first reached at click 3 and 0.90 at click 4; the user stops there."""
+    model = _ScriptedModel([3, 7, 8, 9, 10])
+    for rows, expected in DICE_OF_ROWS.items():
+        pred = np.zeros_like(model.ref)
+        pred[5:5 + rows, 5:15] = True
+        assert metrics.dice(pred, model.ref) == pytest.approx(expected, abs=1e-6)
+    pred, noc = metrics.simulate_clicks(model, model.ref, (0.85, 0.90), keep_after=1, first=((9, 9), True))
+    assert noc == {0.85: 3, 0.90: 4}
+    assert len(model.clicks) == 4  # no click after every target is reached
+    np.testing.assert_array_equal(pred, model.answers[0])  # the protocol's mask: after click 1 (click1)
+    assert model.clicks[0] == ((9, 9), True)  # `first` is the first click
+    # then the centre of the largest error region: the missed rows 8-14, positive
+    assert model.clicks[1] == ((11, 8), True)
+    for (index, positive), before in zip(model.clicks[1:], model.answers):
+        assert positive and model.ref[index] and not before[index]
+
+
+def test_simulated_user_noc_counts_the_first_click_that_reaches_the_target():
+    """Dice 0.89, then 0.46, then 0.95: NoC@85 is 1 (a later drop does not undo it), NoC@90 is 3."""
+    model = _ScriptedModel([8, 3, 9])
+    _, noc = metrics.simulate_clicks(model, model.ref, (0.85, 0.90))
+    assert noc == {0.85: 1, 0.90: 3}
+    assert len(model.clicks) == 3
+
+
+def test_simulated_user_keeps_clicking_for_the_protocol_and_caps_noc():
+    """click3 keeps the mask after 3 clicks even when the targets were reached sooner; a target never
+    reached counts max_clicks, and the user clicks max_clicks times."""
+    model = _ScriptedModel([7, 9, 8])
+    pred, noc = metrics.simulate_clicks(model, model.ref, (0.85, 0.90), keep_after=3)
+    assert noc == {0.85: 2, 0.90: 2}
+    assert len(model.clicks) == 3
+    np.testing.assert_array_equal(pred, model.answers[2])
+
+    model = _ScriptedModel([8] * 5)  # Dice 0.89 after every click
+    _, noc = metrics.simulate_clicks(model, model.ref, (0.85, 0.90), max_clicks=5)
+    assert noc == {0.85: 1, 0.90: 5}
+    assert len(model.clicks) == 5
+
+
 def test_number_of_clicks_zero_for_an_empty_reference():
     ref = np.zeros((5, 5), dtype=bool)
     assert metrics.number_of_clicks(lambda *a: pytest.fail("no click expected"), ref, 0.9) == 0
