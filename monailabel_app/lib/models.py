@@ -56,9 +56,10 @@ class ModelProvider:
     backbone and mode (model_dir/msa_adapters_<backbone>_<2d|3d>.pt), when there is one and it fits:
     one that does not (an older format, other backbone weights) is reported in one warning and left
     where it is, and the base adapters serve. Servers started with another backbone or three_d use
-    their own file, so a file published by one never fails the other. A model_dir/msa_adapters.pt left
-    by a release that kept one file for every backbone and mode is not served: one warning at start-up
-    names it and says how to serve it (--conf adapters). The published file is checked on every
+    their own file (by backbone name: two vit_b servers with other checkpoints need their own
+    model_dir). A model_dir/msa_adapters.pt left by a release that kept one file for every backbone
+    and mode becomes this server's published file when it has none and that one fits
+    (_adopt_legacy); else it is not served, with one warning. The published file is checked on every
     request (its mtime and size); a new one is loaded into a fresh engine that shares the old
     engine's embedding cache (keyed by the encoder's weights, so nothing stale).
     """
@@ -138,18 +139,31 @@ class ModelProvider:
     def _stamp(self) -> tuple:
         return _file_stamp(self.published), _file_stamp(self.base_adapters)
 
-    def _warn_legacy(self) -> None:
-        if self.legacy.is_file() and (self.base_adapters is None or not self.legacy.samefile(self.base_adapters)):
-            logger.warning(f"MSA: {self.legacy} is not served: published adapters are kept per backbone and mode "
-                           f"(this server: {self.published.name}). To serve that file, start the server with "
-                           f"--conf adapters {self.legacy}; if it was trained for {self.backbone} ({self.mode}), "
-                           f"you may instead rename it to {self.published}")
+    def _adopt_legacy(self) -> None:
+        """An earlier release published one model_dir/msa_adapters.pt for every backbone and mode. When this
+        server has no published file of its own yet and that one fits it, it becomes this server's file
+        (renamed, so the active learning it holds is kept); else it is left alone, with one warning."""
+        if not self.legacy.is_file() or (self.base_adapters is not None and self.legacy.samefile(self.base_adapters)):
+            return
+        if not self.published.exists():
+            try:
+                load_adapters(build_model(self.backbone, checkpoint=self.checkpoint, three_d=self.three_d), self.legacy)
+            except Exception as error:
+                logger.info(f"MSA: {self.legacy} does not fit {self.backbone} ({self.mode}): {_one_line(error)}")
+            else:
+                os.replace(self.legacy, self.published)
+                logger.warning(f"MSA: {self.legacy} (published by an earlier release) fits {self.backbone} "
+                               f"({self.mode}): renamed to {self.published}, this server's published adapters")
+                return
+        logger.warning(f"MSA: {self.legacy} is not served: published adapters are kept per backbone and mode "
+                       f"(this server: {self.published.name}). To serve that file, start the server with "
+                       f"--conf adapters {self.legacy}")
 
     def engine(self) -> Engine:
         with self._lock:
             stamp = self._stamp()
             if self._engine is None:
-                self._warn_legacy()
+                self._adopt_legacy()
             if self._engine is None or stamp != self._loaded_stamp:
                 logger.info(f"MSA: loading {self.backbone} ({self.mode})")
                 model, served = self.build()

@@ -99,3 +99,31 @@ def test_a_3d_server_starts_on_the_shipped_2d_adapters_and_says_it_answers_as_2d
     assert model.config.three_d and served == default_adapters("lite_medsam", three_d=True)
     assert served.name == "lite_medsam_adapters.pt"  # the 2D file: no 3D one ships
     assert "lite_medsam_adapters.pt holds 2D adapters" in caplog.text and "adds nothing" in caplog.text
+
+
+def test_an_earlier_releases_published_file_is_adopted_when_it_fits_and_left_alone_otherwise(app_lib, tmp_path, caplog):
+    """model_dir/msa_adapters.pt (one file for every backbone and mode, before files were keyed): a 2D
+    lite_medsam server without a file of its own adopts it (renamed: the user's trained adapters keep
+    serving after the upgrade); a 3D server, which it does not fit, leaves it alone and warns."""
+    import shutil
+
+    from msa.modeling.build import default_adapters
+
+    ModelProvider, _ = app_lib
+    shipped = default_adapters("lite_medsam")
+    three_d_dir, two_d_dir = tmp_path / "3d", tmp_path / "2d"
+    for folder in (three_d_dir, two_d_dir):
+        folder.mkdir()
+        shutil.copy(shipped, folder / "msa_adapters.pt")  # stands for a user's trained 2D file
+
+    with caplog.at_level("INFO"):
+        ModelProvider({"three_d": "true", "runtime": "torch"}, three_d_dir).engine()
+    assert (three_d_dir / "msa_adapters.pt").is_file() and not (three_d_dir / "msa_adapters_lite_medsam_3d.pt").exists()
+    assert f"{three_d_dir / 'msa_adapters.pt'} is not served" in caplog.text
+
+    provider = ModelProvider({"runtime": "torch"}, two_d_dir)
+    provider.engine()
+    adopted = two_d_dir / PUBLISHED
+    assert not (two_d_dir / "msa_adapters.pt").exists() and adopted.read_bytes() == shipped.read_bytes()
+    assert provider.served()[0] == adopted
+    assert "renamed to" in caplog.text
