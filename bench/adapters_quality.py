@@ -45,7 +45,7 @@ def main() -> None:
                                                      refine_clicks=not args.no_refine)
             results[f"{protocol}/{name}"]["seconds"] = round(time.time() - start, 1)
     labels = list(next(iter(results.values()))["per_label"])
-    print(f"adapters: {adapters}; click refinement {'off' if args.no_refine else 'on'}\n")
+    print(f"adapters: {adapters}; click refinement {'off' if args.no_refine else 'on'} (slice click protocols)\n")
     print("| protocol | model | " + " | ".join(labels) + " | mean Dice | NoC@85 | NoC@90 |")
     print("|---" * (len(labels) + 5) + "|")
     for key, summary in results.items():

@@ -77,3 +77,14 @@ def test_dicom_is_recognised_by_content(series, stripped):
     assert list_images(stripped) == [stripped]
     ct, labels = sample_ct()
     assert not is_dicom_file(ct) and not is_dicom_folder(ct.parent)
+
+
+def test_a_dicomdir_index_is_not_taken_for_a_series(stripped, tmp_path):
+    """A CD / PACS export: a DICOMDIR file (DICOM magic, but an index, not an image) at the root and the
+    series in a subfolder: the root is a folder of images holding that series, not a series itself."""
+    export = tmp_path / "cd"
+    export.mkdir()
+    shutil.copytree(stripped, export / "SERIES1")
+    shutil.copy(next(iter(sorted(stripped.iterdir()))), export / "DICOMDIR")  # carries the DICM magic
+    assert not is_dicom_file(export / "DICOMDIR") and not is_dicom_folder(export)
+    assert list_images(export) == [export / "SERIES1"]

@@ -174,6 +174,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .trainers import TrainConfig, init_distributed, selection_score, train
 
     init_distributed()
+    if args.precision != "fp32":  # training reads its encoder features from a feature store: fp32 only
+        raise MSAError(f"msa train --precision {args.precision}: training keeps its encoder features in a "
+                       "feature store, which holds fp32 only")
     # Every source is parsed and checked (files, options, label names) before a model is built.
     sources = [parse_source(spec, split=args.split or "training", labels=args.labels) for spec in args.data]
     val_sources = [parse_source(spec, split="validation", labels=args.val_labels or args.labels) for spec in args.val]

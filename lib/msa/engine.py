@@ -231,8 +231,8 @@ class Engine:
         """
         block = self._trunk_block(block)
         if self.encoder.precision != "fp32":  # one store serves every run: its trunks must be exact
-            raise MSAError(f"the feature store keeps fp32 encoder features; {self.encoder.precision} would mix "
-                           "with them: use --precision fp32 with --cache-dir")
+            raise MSAError(f"precision {self.encoder.precision} cannot be used with a feature store (--cache-dir, "
+                           "$MSA_CACHE_DIR, training): it keeps fp32 encoder features only")
         backbone, image = self.model.encoder_backbone_hash(), FeatureStore.image(volume.key, volume.modality)
         space = FeatureStore.space(backbone, block)
         missing = [k for k in ks if force or not self.store.path(space, image, k).is_file()]

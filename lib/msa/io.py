@@ -60,6 +60,8 @@ def is_dicom_file(path: str | Path) -> bool:
     """A DICOM file, by name (.dcm) or by content ('DICM' at byte 128): PACS exports often name
     their files without an extension (IM0001, 1.2.840...)."""
     path = Path(path)
+    if path.name.upper() == "DICOMDIR":  # a CD/PACS export's index of its series (in subfolders), not an image
+        return False
     if path.suffix.lower() == ".dcm":
         return path.is_file()
     if path.name.lower().endswith(VOLUME_SUFFIXES + RGB_SUFFIXES):
@@ -209,8 +211,14 @@ def save_labels(labels: np.ndarray, volume: Volume, path: str | Path) -> Path:
     return path
 
 
+def _integer_labels(labels: np.ndarray) -> np.ndarray:
+    """The file's own integer type (uint8 for most label maps: training holds every volume's labels in
+    memory, and int64 made a 512 x 512 x 100 map 200 MB); float label maps (some tools write them) -> int32."""
+    return labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int32)
+
+
 def load_labels(path: str | Path, volume: Volume) -> np.ndarray:
-    """A label file on the volume's grid -> (K, J, I) int array (same voxel grid required)."""
+    """A label file on the volume's grid -> (K, J, I) integer array (same voxel grid required)."""
     path = Path(path)
     try:
         image = sitk.ReadImage(str(path))
@@ -221,7 +229,7 @@ def load_labels(path: str | Path, volume: Volume) -> np.ndarray:
         labels = labels[None]
     if labels.shape != volume.voxels.shape[:3]:
         raise ImageError(f"label file {path} has shape {labels.shape}, image has {volume.voxels.shape[:3]}")
-    return labels.astype(np.int64)
+    return _integer_labels(labels)
 
 
 def resample_labels_to(labels_path: str | Path, volume: Volume) -> np.ndarray:
@@ -236,11 +244,7 @@ def resample_labels_to(labels_path: str | Path, volume: Volume) -> np.ndarray:
         raise ImageError(f"cannot read label file {labels_path}") from exc
     out = sitk.Resample(image, volume.geometry, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
     labels = sitk.GetArrayFromImage(out)
-    labels = labels[None] if out.GetDimension() == 2 else labels
-    # The file's own integer type (uint8 for most label maps): training holds every volume's labels in
-    # memory, and int64 made a 512 x 512 x 100 map 200 MB. Float label maps (some tools write them) -> int32.
-    if not np.issubdtype(labels.dtype, np.integer):
-        labels = labels.astype(np.int32)
+    labels = _integer_labels(labels[None] if out.GetDimension() == 2 else labels)
     if not labels.any() and np.any(sitk.GetArrayViewFromImage(image)):
         raise ImageError(f"{Path(labels_path).name} does not lie on the grid of {Path(volume.source).name}: "
                          "none of its labelled voxels falls inside the image")

@@ -107,3 +107,9 @@ def test_eval_absent_label(ct_paths, tmp_path, capsys):
 
 def test_eval_missing_data(tmp_path, capsys):
     assert_in_process_error(capsys, ["eval", tmp_path / "nothing", "--json"], "eval", "data not found")
+
+
+def test_train_refuses_a_precision_its_feature_store_cannot_hold(ct_paths, capsys):
+    """Training reads fp32 features from a feature store: bf16 is refused before anything is read."""
+    assert_in_process_error(capsys, ["train", f"{ct_paths[0]}:{ct_paths[1]}", "--out", "never.pt", "--precision", "bf16"],
+                            "train", "feature store, which holds fp32 only")

@@ -90,8 +90,8 @@ def test_a_lone_click_gets_multimask_unless_the_single_mask_output_was_fine_tune
         tiny_model.adapters_meta = None  # the session-wide fixture (same weights: the files hold them unchanged)
 
 
-def test_engine_and_trainer_prompt_through_one_path(tiny_model):
-    """prompt_tensors (the engine's and the trainer's prompt path): each row of a batch decodes exactly as
+def test_prompt_tensors_batch_rows_decode_as_each_prompt_alone(tiny_model):
+    """prompt_tensors (the prompt path of Engine._decode and Trainer._decode): each row of a batch decodes exactly as
     that slice's prompt alone, as the engine sends it; mixed click counts are refused, because padding
     with label -1 adds a "not a point" token that changes the answer (measured below)."""
     from msa.engine import prompt_tensors
