@@ -286,8 +286,9 @@ class Engine:
           masks and keeps the one it trusts most. None: do so unless the model's single-mask output was
           trained for clicks (MSA adapters from fine-tuning, `MSA.single_mask_trained`).
         refine_clicks: clicks alone leave a structure's extent to the model, and boxes are what SAM-style
-          decoders segment best; so a click-only prompt is decoded twice, the box of the first mask (its
-          parts under the positive clicks, widened by REFINE_MARGIN) joining the clicks for the answer.
+          decoders segment best; so a click-only prompt is decoded again with the box of its mask (its
+          parts under the positive clicks, widened by REFINE_MARGIN) joining the clicks, up to
+          REFINE_ROUNDS times: a first mask that stops short of a large organ grows to it in a few rounds.
         """
         if multimask_output is None:
             multimask_output = not self.model.single_mask_trained
@@ -297,9 +298,13 @@ class Engine:
         logits, iou = self._decode(embedding, geometry, points, box, mask_input,
                                    multimask_output and click_only and len(points) == 1)
         if refine_clicks and click_only:
-            refined = clicked_box(logits > 0, points, margin=REFINE_MARGIN)
-            if refined is not None:
+            used = None
+            for _ in range(REFINE_ROUNDS):
+                refined = clicked_box(logits > 0, points, margin=REFINE_MARGIN)
+                if refined is None or refined == used:  # the same box decodes to the same mask: done
+                    break
                 logits, iou = self._decode(embedding, geometry, points, refined, None, False)
+                used = refined
         return logits, iou
 
     def _decode(self, embedding: torch.Tensor, geometry: SliceGeometry, points, box, mask_input,
@@ -346,6 +351,10 @@ def prompt_tensors(geometries: list[SliceGeometry], clicks: list[list[tuple[floa
 
 
 REFINE_MARGIN = 0.1  # of the box's sides: a click's first mask often stops short of the structure's edge
+# Rounds of click refinement, chosen on the validation split (the recipe's, 8 slices per structure; mean
+# 1-click Dice over BTCV, CHAOS and brain): 1 round 0.660, 2 rounds 0.667, 3 rounds 0.671, 5 rounds 0.671,
+# 8 rounds 0.666 (README, "The shipped adapters").
+REFINE_ROUNDS = 3
 
 
 def clicked_box(mask: np.ndarray, points: list[tuple[float, float, int]],

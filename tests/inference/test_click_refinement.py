@@ -1,5 +1,5 @@
 """The decode policy, per call: click refinement (a click-only prompt decoded again with the box of its
-first mask) and SAM's multimask answer to a lone click."""
+mask, a few rounds) and SAM's multimask answer to a lone click."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from msa.engine import REFINE_MARGIN, Engine, clicked_box
+from msa.engine import REFINE_MARGIN, REFINE_ROUNDS, Engine, clicked_box
 
 
 def test_clicked_box_takes_the_parts_under_positive_clicks():
@@ -35,16 +35,36 @@ def _nonempty_click(engine: Engine, volume) -> tuple[list, np.ndarray]:
     raise AssertionError("the tiny model gave no partial mask for any click")
 
 
-def test_click_only_prompts_are_refined_with_the_first_masks_box(tiny_model, tiny_volume):
-    torch.manual_seed(0)
+def _refinement_chain(engine: Engine, volume, points, first: np.ndarray) -> list[tuple]:
+    """The boxes refinement decodes with, by hand: each the box of the previous answer, until one repeats."""
+    boxes, logits = [], first
+    while len(boxes) < REFINE_ROUNDS:
+        box = clicked_box(logits > 0, points, margin=REFINE_MARGIN)
+        if box is None or (boxes and box == boxes[-1]):
+            break
+        boxes.append(box)
+        logits, _ = engine.predict(volume, 1, points=points, box=box)
+    return boxes
+
+
+def test_click_only_prompts_are_refined_with_the_box_of_their_mask_round_after_round(tiny_model, tiny_volume):
+    """Each round decodes the clicks with the box of the previous mask, up to REFINE_ROUNDS rounds or until the
+    box repeats; the answer is the last round's."""
+    assert REFINE_ROUNDS == 3
     engine = Engine(tiny_model)
-    points, first = _nonempty_click(engine, tiny_volume)
-    box = clicked_box(first > 0, points, margin=REFINE_MARGIN)
-    expected, expected_iou = engine.predict(tiny_volume, 1, points=points, box=box)
+    # a click whose refinement takes more than one round (one round would fail this test)
+    for points in ([(float(i), float(j), 1)] for j in range(2, 22, 4) for i in range(2, 30, 4)):
+        first, _ = engine.predict(tiny_volume, 1, points=points, refine_clicks=False)
+        boxes = _refinement_chain(engine, tiny_volume, points, first)
+        if len(boxes) > 1:
+            break
+    assert len(boxes) > 1, "no click of the tiny model needs a second round"
+    expected, expected_iou = engine.predict(tiny_volume, 1, points=points, box=boxes[-1])
+    one_round, _ = engine.predict(tiny_volume, 1, points=points, box=boxes[0])
     refined, iou = engine.predict(tiny_volume, 1, points=points)  # refined by default
     np.testing.assert_array_equal(refined, expected)
     assert iou == expected_iou
-    assert not np.array_equal(refined, first)
+    assert not np.array_equal(refined, first) and not np.array_equal(refined, one_round)
     # An explicit box or a mask input is the user's own prompt: no refinement then.
     given = (0.0, 0.0, 10.0, 10.0)
     plain = engine.predict(tiny_volume, 1, points=points, box=given, refine_clicks=False)[0]
