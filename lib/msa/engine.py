@@ -287,8 +287,9 @@ class Engine:
           trained for clicks (MSA adapters from fine-tuning, `MSA.single_mask_trained`).
         refine_clicks: clicks alone leave a structure's extent to the model, and boxes are what SAM-style
           decoders segment best; so a click-only prompt is decoded again with the box of its mask (its
-          parts under the positive clicks, widened by REFINE_MARGIN) joining the clicks, up to
-          REFINE_ROUNDS times: a first mask that stops short of a large organ grows to it in a few rounds.
+          parts under the positive clicks, widened by REFINE_MARGIN) joining the clicks: a lone click up
+          to REFINE_ROUNDS times (a first mask that stops short of a large organ grows to it in a few
+          rounds), corrective clicks once (rounds let the mask grow past what the user's clicks bound).
         """
         if multimask_output is None:
             multimask_output = not self.model.single_mask_trained
@@ -299,7 +300,7 @@ class Engine:
                                    multimask_output and click_only and len(points) == 1)
         if refine_clicks and click_only:
             used = None
-            for _ in range(REFINE_ROUNDS):
+            for _ in range(REFINE_ROUNDS if len(points) == 1 else 1):
                 refined = clicked_box(logits > 0, points, margin=REFINE_MARGIN)
                 if refined is None or refined == used:  # the same box decodes to the same mask: done
                     break

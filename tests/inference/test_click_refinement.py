@@ -48,8 +48,8 @@ def _refinement_chain(engine: Engine, volume, points, first: np.ndarray) -> list
 
 
 def test_click_only_prompts_are_refined_with_the_box_of_their_mask_round_after_round(tiny_model, tiny_volume):
-    """Each round decodes the clicks with the box of the previous mask, up to REFINE_ROUNDS rounds or until the
-    box repeats; the answer is the last round's."""
+    """A lone click: each round decodes it with the box of the previous mask, up to REFINE_ROUNDS rounds or
+    until the box repeats; the answer is the last round's."""
     assert REFINE_ROUNDS == 3
     engine = Engine(tiny_model)
     # a click whose refinement takes more than one round (one round would fail this test)
@@ -65,6 +65,12 @@ def test_click_only_prompts_are_refined_with_the_box_of_their_mask_round_after_r
     np.testing.assert_array_equal(refined, expected)
     assert iou == expected_iou
     assert not np.array_equal(refined, first) and not np.array_equal(refined, one_round)
+    # Corrective clicks (more than one) get one round: the user's clicks already bound the structure.
+    clicks = points + [(float(points[0][0]) + 4, float(points[0][1]), 0)]
+    first, _ = engine.predict(tiny_volume, 1, points=clicks, refine_clicks=False)
+    box = clicked_box(first > 0, clicks, margin=REFINE_MARGIN)
+    np.testing.assert_array_equal(engine.predict(tiny_volume, 1, points=clicks)[0],
+                                  engine.predict(tiny_volume, 1, points=clicks, box=box)[0])
     # An explicit box or a mask input is the user's own prompt: no refinement then.
     given = (0.0, 0.0, 10.0, 10.0)
     plain = engine.predict(tiny_volume, 1, points=points, box=given, refine_clicks=False)[0]
