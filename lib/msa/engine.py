@@ -287,9 +287,9 @@ class Engine:
           trained for clicks (MSA adapters from fine-tuning, `MSA.single_mask_trained`).
         refine_clicks: clicks alone leave a structure's extent to the model, and boxes are what SAM-style
           decoders segment best; so a click-only prompt is decoded again with the box of its mask (its
-          parts under the positive clicks, widened by REFINE_MARGIN) joining the clicks: a lone click up
-          to REFINE_ROUNDS times (a first mask that stops short of a large organ grows to it in a few
-          rounds), corrective clicks once (rounds let the mask grow past what the user's clicks bound).
+          parts under the positive clicks, widened by REFINE_MARGIN) joining the clicks: REFINE_ROUNDS
+          times for a lone click, CORRECTIVE_REFINE_ROUNDS times for more clicks (the last box used
+          repeating ends the rounds early).
         """
         if multimask_output is None:
             multimask_output = not self.model.single_mask_trained
@@ -300,7 +300,7 @@ class Engine:
                                    multimask_output and click_only and len(points) == 1)
         if refine_clicks and click_only:
             used = None
-            for _ in range(REFINE_ROUNDS if len(points) == 1 else 1):
+            for _ in range(REFINE_ROUNDS if len(points) == 1 else CORRECTIVE_REFINE_ROUNDS):
                 refined = clicked_box(logits > 0, points, margin=REFINE_MARGIN)
                 if refined is None or refined == used:  # the same box decodes to the same mask: done
                     break
@@ -352,10 +352,12 @@ def prompt_tensors(geometries: list[SliceGeometry], clicks: list[list[tuple[floa
 
 
 REFINE_MARGIN = 0.1  # of the box's sides: a click's first mask often stops short of the structure's edge
-# Rounds of click refinement, chosen on the validation split (the recipe's, 8 slices per structure; mean
-# 1-click Dice over BTCV, CHAOS and brain): 1 round 0.660, 2 rounds 0.667, 3 rounds 0.671, 5 rounds 0.671,
-# 8 rounds 0.666 (README, "The shipped adapters").
-REFINE_ROUNDS = 3
+# Rounds of click refinement, measured on the validation split with `python bench/refine_rounds.py
+# --click3` (README, "The shipped adapters"): 3 rounds for a lone click grow large organs (1-click Dice
+# 0.660 -> 0.671) but the corrective clicks that follow do worse (3-click Dice 0.692 -> 0.682, and the
+# sample CT's spleen needs 6.1 clicks instead of 2 to reach Dice 0.9), so one round each.
+REFINE_ROUNDS = 1  # a lone click
+CORRECTIVE_REFINE_ROUNDS = 1  # two or more clicks
 
 
 def clicked_box(mask: np.ndarray, points: list[tuple[float, float, int]],

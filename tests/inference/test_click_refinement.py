@@ -1,5 +1,5 @@
 """The decode policy, per call: click refinement (a click-only prompt decoded again with the box of its
-mask, a few rounds) and SAM's multimask answer to a lone click."""
+mask) and SAM's multimask answer to a lone click."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from msa.engine import REFINE_MARGIN, REFINE_ROUNDS, Engine, clicked_box
+import msa.engine as engine_module
+from msa.engine import REFINE_MARGIN, Engine, clicked_box
 
 
 def test_clicked_box_takes_the_parts_under_positive_clicks():
@@ -35,10 +36,10 @@ def _nonempty_click(engine: Engine, volume) -> tuple[list, np.ndarray]:
     raise AssertionError("the tiny model gave no partial mask for any click")
 
 
-def _refinement_chain(engine: Engine, volume, points, first: np.ndarray) -> list[tuple]:
+def _refinement_chain(engine: Engine, volume, points, first: np.ndarray, rounds: int) -> list[tuple]:
     """The boxes refinement decodes with, by hand: each the box of the previous answer, until one repeats."""
     boxes, logits = [], first
-    while len(boxes) < REFINE_ROUNDS:
+    while len(boxes) < rounds:
         box = clicked_box(logits > 0, points, margin=REFINE_MARGIN)
         if box is None or (boxes and box == boxes[-1]):
             break
@@ -47,34 +48,46 @@ def _refinement_chain(engine: Engine, volume, points, first: np.ndarray) -> list
     return boxes
 
 
-def test_click_only_prompts_are_refined_with_the_box_of_their_mask_round_after_round(tiny_model, tiny_volume):
-    """A lone click: each round decodes it with the box of the previous mask, up to REFINE_ROUNDS rounds or
-    until the box repeats; the answer is the last round's."""
-    assert REFINE_ROUNDS == 3
+def test_click_only_prompts_are_refined_with_the_first_masks_box(tiny_model, tiny_volume):
+    engine = Engine(tiny_model)
+    points, first = _nonempty_click(engine, tiny_volume)
+    box = clicked_box(first > 0, points, margin=REFINE_MARGIN)
+    expected, expected_iou = engine.predict(tiny_volume, 1, points=points, box=box)
+    refined, iou = engine.predict(tiny_volume, 1, points=points)  # refined by default, one round
+    np.testing.assert_array_equal(refined, expected)
+    assert iou == expected_iou
+    assert not np.array_equal(refined, first)
+    # An explicit box or a mask input is the user's own prompt: no refinement then.
+    given = (0.0, 0.0, 10.0, 10.0)
+    plain = engine.predict(tiny_volume, 1, points=points, box=given, refine_clicks=False)[0]
+    np.testing.assert_array_equal(engine.predict(tiny_volume, 1, points=points, box=given)[0], plain)
+
+
+def test_refinement_rounds_decode_with_the_box_of_the_previous_mask(tiny_model, tiny_volume, monkeypatch):
+    """With REFINE_ROUNDS = 3 (bench/refine_rounds.py measures rounds): a lone click is decoded with the box of
+    the previous answer, round after round, until the box repeats; corrective clicks get
+    CORRECTIVE_REFINE_ROUNDS rounds."""
+    monkeypatch.setattr(engine_module, "REFINE_ROUNDS", 3)
     engine = Engine(tiny_model)
     # a click whose refinement takes more than one round (one round would fail this test)
     for points in ([(float(i), float(j), 1)] for j in range(2, 22, 4) for i in range(2, 30, 4)):
         first, _ = engine.predict(tiny_volume, 1, points=points, refine_clicks=False)
-        boxes = _refinement_chain(engine, tiny_volume, points, first)
+        boxes = _refinement_chain(engine, tiny_volume, points, first, 3)
         if len(boxes) > 1:
             break
     assert len(boxes) > 1, "no click of the tiny model needs a second round"
     expected, expected_iou = engine.predict(tiny_volume, 1, points=points, box=boxes[-1])
     one_round, _ = engine.predict(tiny_volume, 1, points=points, box=boxes[0])
-    refined, iou = engine.predict(tiny_volume, 1, points=points)  # refined by default
+    refined, iou = engine.predict(tiny_volume, 1, points=points)
     np.testing.assert_array_equal(refined, expected)
     assert iou == expected_iou
-    assert not np.array_equal(refined, first) and not np.array_equal(refined, one_round)
-    # Corrective clicks (more than one) get one round: the user's clicks already bound the structure.
-    clicks = points + [(float(points[0][0]) + 4, float(points[0][1]), 0)]
+    assert not np.array_equal(refined, one_round)
+    # two clicks: CORRECTIVE_REFINE_ROUNDS (1) round
+    clicks = points + [(points[0][0] + 4, points[0][1], 0)]
     first, _ = engine.predict(tiny_volume, 1, points=clicks, refine_clicks=False)
     box = clicked_box(first > 0, clicks, margin=REFINE_MARGIN)
     np.testing.assert_array_equal(engine.predict(tiny_volume, 1, points=clicks)[0],
                                   engine.predict(tiny_volume, 1, points=clicks, box=box)[0])
-    # An explicit box or a mask input is the user's own prompt: no refinement then.
-    given = (0.0, 0.0, 10.0, 10.0)
-    plain = engine.predict(tiny_volume, 1, points=points, box=given, refine_clicks=False)[0]
-    np.testing.assert_array_equal(engine.predict(tiny_volume, 1, points=points, box=given)[0], plain)
 
 
 def test_refinement_reuses_the_embedding_without_a_cache(tiny_model, tiny_volume):
