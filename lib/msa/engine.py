@@ -288,8 +288,8 @@ class Engine:
         refine_clicks: clicks alone leave a structure's extent to the model, and boxes are what SAM-style
           decoders segment best; so a click-only prompt is decoded again with the box of its mask (its
           parts under the positive clicks, widened by REFINE_MARGIN) joining the clicks: REFINE_ROUNDS
-          times for a lone click, CORRECTIVE_REFINE_ROUNDS times for more clicks (the last box used
-          repeating ends the rounds early).
+          times for a lone click, CORRECTIVE_REFINE_ROUNDS times for more clicks (fewer when the box
+          stops changing).
         """
         if multimask_output is None:
             multimask_output = not self.model.single_mask_trained
