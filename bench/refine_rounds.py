@@ -28,7 +28,7 @@ import torch
 from msa import cli, metrics
 from msa import engine as engine_module
 from msa.data import parse_source
-from msa.evaluate import interior_point
+from msa.evaluate import _SliceClicker, interior_point
 from msa.trainers.finetune import Trainer
 from msa.trainers.slices import SliceData, spread
 
@@ -47,13 +47,9 @@ def click3(engine, val: SliceData, samples) -> dict[str, float]:
     """Mean 3-click Dice per source (mean over its structures), with msa eval's simulated user."""
     scores: dict[str, dict[str, list[float]]] = {}
     for s in samples:
-        target, volume, points = val.target(s), val.volumes[s.case], []
-
-        def click(index, positive):
-            points.append((float(index[1]), float(index[0]), 1 if positive else 0))
-            return engine.predict(volume, s.k, points=points)[0] > 0
-
-        pred, _ = metrics.simulate_clicks(click, target, (), 3, first=(interior_point(target), True))
+        target = val.target(s)
+        clicker = _SliceClicker(engine, val.volumes[s.case], s.k)  # msa eval's click3 user
+        pred, _ = metrics.simulate_clicks(clicker, target, (), 3, first=(interior_point(target), True))
         source = val.source_names[val.source_of[s.case]]
         scores.setdefault(source, {}).setdefault(s.label, []).append(metrics.dice(pred, target))
     return {source: float(np.mean([np.mean(v) for v in labels.values()])) for source, labels in scores.items()}
