@@ -352,7 +352,7 @@ def prompt_tensors(geometries: list[SliceGeometry], clicks: list[list[tuple[floa
 
 
 REFINE_MARGIN = 0.1  # of the box's sides: a click's first mask often stops short of the structure's edge
-# Rounds of click refinement, measured on the validation split with `python bench/refine_rounds.py
+# Rounds of click refinement, measured on the validation split with `python bench/refine_rounds.py --rounds 1,3
 # --click3` (README, "The shipped adapters"): 3 rounds for a lone click grow large organs (1-click Dice
 # 0.660 -> 0.671) but the corrective clicks that follow do worse (3-click Dice 0.692 -> 0.682, and the
 # sample CT's spleen needs 6.1 clicks instead of 2 to reach Dice 0.9), so one round each.
