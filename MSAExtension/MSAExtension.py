@@ -21,7 +21,7 @@ from slicer.util import VTKObservationMixin
 
 from MSAExtensionLib import (DEFAULT_URL, EditorLogicTarget, ImageLost, MSAClient, MSAClientError, Prompts, Segmenter,
                              connection_summary, fetch_sample, make_editor_logic, mark_server_image, prepare_label,
-                             prompt_nodes, reset_prompts, send_label, shortcuts_html, train_progress)
+                             prompt_nodes, reset_prompts, send_label, shortcuts_html, target_name, train_progress)
 
 URL_SETTING = "MSAExtension/ServerURL"
 EFFECT_NAME = "MSA"
@@ -151,7 +151,18 @@ class MSAExtensionLogic(ScriptedLoadableModuleLogic):
         Needs Slicer 5.10 or later (vtkSlicerSegmentEditorLogic); the effect works without it."""
         logic = make_editor_logic(segmentationNode.GetScene(), segmentationNode, volumeNode, editorNode)
         target = EditorLogicTarget(logic, segmentId)
-        return self.segmenter.segment(target, volumeNode, prompts, dimension, sliceK)
+        return self.segmenter.segment(target, volumeNode, prompts, dimension, sliceK,
+                                      text=self.targetName(segmentationNode, segmentId))
+
+    def targetName(self, segmentationNode, segmentId):
+        """The segment's name as a target prompt, when the server's adapters learnt it (else None)."""
+        if self.info is None:
+            try:
+                self.connect()
+            except MSAClientError:
+                return None  # the request itself will say what is wrong with the server
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        return target_name(segment.GetName(), self.info) if segment is not None else None
 
     def prepareLabel(self, volumeNode, segmentationNode):
         return prepare_label(self.segmenter.images, volumeNode, segmentationNode)

@@ -143,7 +143,8 @@ class MSAApp(MONAILabelApp):
         meta = super().info()
         adapters, sha256 = self.provider.served()  # as loaded: no file is read here (the event loop runs this)
         meta["msa"] = {"backbone": self.provider.backbone, "three_d": self.provider.three_d,
-                       "adapters": adapters.name if adapters else None, "adapters_sha256": sha256}
+                       "adapters": adapters.name if adapters else None, "adapters_sha256": sha256,
+                       "targets": self.provider.targets()}  # names an infer request may send as `text`
         return meta
 
     def _infer_task(self, model: object) -> MSAInfer:

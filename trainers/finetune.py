@@ -43,6 +43,7 @@ from msa.errors import MSAError
 from msa.evaluate import MIN_SLICE_VOXELS, interior_point
 from msa.metrics import dice
 from msa.modeling.msa import MSA
+from msa.modeling.targets import canonical_name
 from msa.store import FeatureStore
 from tqdm.auto import tqdm
 
@@ -61,6 +62,8 @@ class TrainConfig:
     box_probability: float = 0.25  # box only
     box_click_probability: float = 0.4  # box and clicks; the rest of the samples get clicks only
     max_corrective_clicks: int = 2
+    target_probability: float = 0.0  # samples whose prompt also names the structure (msa.modeling.targets)
+    targets_only: bool = False  # train the target prompts alone: prompts without a name answer as before
     eval_every: int = 50
     train_encoder: bool = False  # also train the encoder adapters (backpropagates through the encoder)
     encoder_blocks: int = 0  # also train the adapters of the encoder's last N blocks, on cached inputs of those
@@ -79,16 +82,28 @@ class TrainConfig:
                            "choose one of them")
         if self.val_per_structure < 0:
             raise MSAError("val_per_structure must be >= 0")
+        if not 0 <= self.target_probability <= 1:
+            raise MSAError(f"target_probability must lie in [0, 1], got {self.target_probability}")
+        if self.targets_only and not (self.target_probability and not self.encoder_blocks and not self.train_encoder):
+            raise MSAError("targets_only trains the target prompts on the encoder as it is: it needs "
+                           "target_probability > 0 and neither encoder_blocks nor train_encoder")
 
 
 @dataclass
 class Prompt:
     clicks: list[tuple[float, float, int]] | None = None
     box: tuple[float, float, float, float] | None = None
+    target: str | None = None  # the structure's name, as a target prompt
 
     @property
     def kind(self) -> str:
         return "both" if self.clicks and self.box else "clicks" if self.clicks else "box"
+
+    @property
+    def group(self) -> tuple[str, int, bool]:
+        """Prompts decode in one batch only with the same tokens: kind, click count, named or not (padding
+        would add tokens inference never sends)."""
+        return self.kind, len(self.clicks or ()), self.target is not None
 
 
 def _rank() -> tuple[int, int]:
@@ -122,15 +137,26 @@ class Trainer:
         self.slabs = config.encoder_blocks > 0 and engine.slab_depth > 1
         trained_blocks = blocks if config.train_encoder else blocks[len(blocks) - config.encoder_blocks:]
         encoder_params = {id(p) for block in trained_blocks for p in block.parameters()}
+        if config.target_probability:  # a token for every structure name trained on (the parent's kept)
+            self.model.set_targets(sorted({*self.model.targets, *(name for structures in train.structures
+                                                                   for name in structures)}))
         self.params = [p for name, p in self.model.named_parameters()
-                       if p.requires_grad and (not name.startswith("image_encoder.") or id(p) in encoder_params)]
+                       if p.requires_grad and (not name.startswith("image_encoder.") or id(p) in encoder_params)
+                       and (not config.targets_only or name.startswith("target_prompts."))]
         # The teacher answers on the backbone's embeddings. While the student's encoder is the backbone's
         # those are the student's own; otherwise the teacher encodes (each slice once, cached).
         student_encoder_adapted = config.train_encoder or config.encoder_blocks or not self.model.encoder_is_backbone()
         self.teacher_engine = (Engine(self.teacher, cache=engine.cache, slab_depth=engine.slab_depth,
                                       batch_size=engine.batch_size, store=engine.store)
                                if self.teacher is not None and student_encoder_adapted else None)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        # Target tokens start random at the scale of the point tokens and are each trained by a few samples
+        # only: they move TARGET_LR_SCALE times faster than the adapters, without weight decay.
+        targets = {id(p) for p in self.model.target_prompts.parameters()} if self.model.target_prompts else set()
+        groups = [{"params": [p for p in self.params if id(p) not in targets]}]
+        if targets:
+            groups.append({"params": [p for p in self.params if id(p) in targets],
+                           "lr": config.lr * TARGET_LR_SCALE, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.loss = DiceCELoss(sigmoid=True)
         self.fingerprint = self._fingerprint()
@@ -156,23 +182,26 @@ class Trainer:
     # -- prompts and forward -----------------------------------------------------------------------
 
     def _decode(self, embeddings: torch.Tensor, samples: list[Sample], clicks: list | None, boxes: list | None,
-                model: MSA | None = None):
+                model: MSA | None = None, targets: list[str] | None = None):
         """Batched prompt encoder + decoder (the engine's prompt path, msa.engine.prompt_tensors) on the
         single-mask output, which MSA trains; returns low-res logits (B, 1, s, s) and IoU (B, 1)."""
+        model = model or self.model
         points, box = prompt_tensors([self.train.geometry(s) for s in samples], clicks, boxes, embeddings.device)
+        rows = None if targets is None else torch.tensor([model.target_row(t) for t in targets], device=embeddings.device)
         with self.autocast:
-            low_res, iou = (model or self.model).decode(embeddings, points, box, None, multimask_output=False)
+            low_res, iou = model.decode(embeddings, points, box, None, multimask_output=False, targets=rows)
         return low_res.float(), iou.float()
 
     def _decode_prompts(self, embeddings: torch.Tensor, samples: list[Sample], prompts: list[Prompt]):
-        """_decode for mixed prompts: one batched call per kind (clicks / box / both) and click count (padding
-        shorter click lists would add tokens inference never sends), results in order."""
+        """_decode for mixed prompts: one batched call per Prompt.group, results in order."""
         low_res, iou = [None] * len(samples), [None] * len(samples)
-        for group in sorted({(p.kind, len(p.clicks or ())) for p in prompts}):
-            picked = [b for b, p in enumerate(prompts) if (p.kind, len(p.clicks or ())) == group]
+        for group in sorted({p.group for p in prompts}):
+            picked = [b for b, p in enumerate(prompts) if p.group == group]
+            first = prompts[picked[0]]
             out = self._decode(embeddings[picked], [samples[b] for b in picked],
-                               [prompts[b].clicks for b in picked] if prompts[picked[0]].clicks else None,
-                               [prompts[b].box for b in picked] if prompts[picked[0]].box else None)
+                               [prompts[b].clicks for b in picked] if first.clicks else None,
+                               [prompts[b].box for b in picked] if first.box else None,
+                               targets=[prompts[b].target for b in picked] if first.target else None)
             for n, b in enumerate(picked):
                 low_res[b], iou[b] = out[0][n], out[1][n]
         return torch.stack(low_res), torch.stack(iou)
@@ -192,14 +221,16 @@ class Trainer:
         for s in samples:
             target = self.train.target(s)
             draw = rng.random()
+            # (drawn only when used: runs without target prompts replay the samples they always drew)
+            name = s.label if config.target_probability and rng.random() < config.target_probability else None
             if draw < config.box_probability:
-                prompts.append(Prompt(box=jittered_box(target, rng)))
+                prompts.append(Prompt(box=jittered_box(target, rng), target=name))
                 rounds.append(0)
                 continue
             # A box drawn with the clicks stands for the box of the engine's first, click-only mask.
             with_box = draw < config.box_probability + config.box_click_probability
             box = jittered_box(target, rng, 0.2) if with_box else None
-            prompts.append(Prompt(clicks=random_clicks(target, rng), box=box))
+            prompts.append(Prompt(clicks=random_clicks(target, rng), box=box, target=name))
             rounds.append(int(rng.integers(0, config.max_corrective_clicks + 1)))
         for round_ in range(max(rounds, default=0)):
             active = [b for b, r in enumerate(rounds) if r > round_]
@@ -281,28 +312,34 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         """Slice Dice on the validation samples with one interior click and with the tight box, per source and
-        structure; dice_click1 / dice_box are the means over sources of the means over their structures."""
+        structure; dice_click1 / dice_box are the means over sources of the means over their structures.
+        With target prompts, also one click naming the structure (click1_named, for the names the model knows)."""
         self.model.adapters_changed()  # trained encoder adapters: cached embeddings of older weights don't apply
-        scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
+        known = set(self.model.targets)
+        scores: dict[str, dict[str, list[dict[str, float]]]] = {}
         for s in self.val_samples:
-            target = self.val.target(s)
+            target, volume = self.val.target(s), self.val.volumes[s.case]
             j, i = interior_point(target)
-            # the single-mask output, which training trains (a bare or pretrained model would default to multimask)
-            logits, _ = self.engine.predict(self.val.volumes[s.case], s.k, points=[(i, j, 1)], multimask_output=False)
-            click = dice(logits > 0, target)
             rows, cols = np.nonzero(target)
-            logits, _ = self.engine.predict(self.val.volumes[s.case], s.k,
-                                            box=(cols.min(), rows.min(), cols.max(), rows.max()))
+            # the single-mask output, which training trains (a bare or pretrained model would default to multimask)
+            row = {"click1": dice(self.engine.predict(volume, s.k, points=[(i, j, 1)], multimask_output=False)[0] > 0,
+                                  target),
+                   "box": dice(self.engine.predict(volume, s.k, box=(cols.min(), rows.min(), cols.max(), rows.max()))[0]
+                               > 0, target)}
+            if canonical_name(s.label) in known:
+                row["click1_named"] = dice(self.engine.predict(volume, s.k, points=[(i, j, 1)], multimask_output=False,
+                                                              target=s.label)[0] > 0,
+                                           target)
             source = self.val.source_names[self.val.source_of[s.case]]
-            scores.setdefault(source, {}).setdefault(s.label, []).append((click, dice(logits > 0, target)))
-        per_source = {source: {label: {"click1": float(np.mean([c for c, _ in rows])),
-                                       "box": float(np.mean([b for _, b in rows]))}
+            scores.setdefault(source, {}).setdefault(s.label, []).append(row)
+        per_source = {source: {label: {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
                                for label, rows in sorted(labels.items())}
                       for source, labels in scores.items()}
-        means = {source: {key: float(np.mean([row[key] for row in labels.values()])) for key in ("click1", "box")}
+        means = {source: {key: float(np.mean([row[key] for row in labels.values() if key in row]))
+                          for key in ("click1", "box", "click1_named") if any(key in row for row in labels.values())}
                  for source, labels in per_source.items()}
-        return {"dice_click1": float(np.mean([m["click1"] for m in means.values()])),
-                "dice_box": float(np.mean([m["box"] for m in means.values()])),
+        return {**{f"dice_{key}": float(np.mean([m[key] for m in means.values() if key in m]))
+                   for key in ("click1", "box", "click1_named") if any(key in m for m in means.values())},
                 "per_source": {source: {**means[source], "structures": labels} for source, labels in per_source.items()}}
 
     def _fingerprint(self) -> dict:
@@ -368,6 +405,9 @@ class Trainer:
             dist.barrier()
 
 
+TARGET_LR_SCALE = 10
+
+
 def trainable_sha256(model: MSA) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.trainable_state_dict().items()):
@@ -376,8 +416,10 @@ def trainable_sha256(model: MSA) -> str:
 
 
 def selection_score(record: dict) -> float:
-    """What picks the best adapters among the validation records: clicks and boxes count alike."""
-    return (record["dice_click1"] + record["dice_box"]) / 2
+    """What picks the best adapters among the validation records: clicks, boxes and (where trained) named
+    clicks count alike."""
+    keys = [key for key in ("dice_click1", "dice_box", "dice_click1_named") if key in record]
+    return sum(record[key] for key in keys) / len(keys)
 
 
 def write_curves(history: list[dict], out: Path) -> None:

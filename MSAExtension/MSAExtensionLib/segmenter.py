@@ -10,6 +10,7 @@ Three steps, so that the effect can run the middle one on a worker thread:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,14 +78,23 @@ def _inside(volume_node, points) -> tuple[list[list[int]], list[MSAClientError]]
     return inside, outside
 
 
+def target_name(segment_name: str, info: dict | None) -> str | None:
+    """The segment's name when the server's adapters learnt it as a target prompt (GET /info/: msa.targets),
+    else None. A segment named "liver" then asks for the whole liver, not only the part around the click."""
+    targets = set(((info or {}).get("msa") or {}).get("targets") or ())
+    spelled = re.sub(r"[^a-z0-9]+", "_", segment_name.lower()).strip("_")  # as the server spells names
+    return segment_name if spelled in targets else None
+
+
 def make_request(images: ServerImages, volume_node, prompts: Prompts, dimension: int = 3,
-                 slice_k: int | None = None, model: str | None = None) -> InferRequest:
+                 slice_k: int | None = None, model: str | None = None, text: str | None = None) -> InferRequest:
     """World prompts -> a request on the volume's voxel grid (GUI thread: reads MRML nodes).
 
     dimension 3: `msa`, the mask propagates through the volume and replaces the segment there;
     dimension 2: `msa_2d` on slice `slice_k` (default: the first positive point's slice, else the
     box's middle slice); only prompts on that slice are sent, only that slice is written.
     model: another infer model of the server than the dimension's default (msa / msa_2d).
+    text: the structure's name as a target prompt (target_name), or None.
 
     A stored prompt outside the volume (a point dragged off it, one from another volume) is left
     out and named in `request.ignored`, so it cannot block every later request; only when no
@@ -130,6 +140,8 @@ def make_request(images: ServerImages, volume_node, prompts: Prompts, dimension:
     params["background"] = background
     if roi is not None:
         params["roi"] = roi
+    if text is not None:
+        params["text"] = text
     return InferRequest(model or MODELS[dimension], params, covered, images.prepare(volume_node), (k, j, i), ignored)
 
 
@@ -167,21 +179,22 @@ class Segmenter:
         self.images = ServerImages(client)
 
     def request(self, volume_node, prompts: Prompts, dimension: int = 3, slice_k: int | None = None,
-                model: str | None = None) -> InferRequest:
-        return make_request(self.images, volume_node, prompts, dimension, slice_k, model)
+                model: str | None = None, text: str | None = None) -> InferRequest:
+        return make_request(self.images, volume_node, prompts, dimension, slice_k, model, text)
 
     def run(self, request: InferRequest) -> InferResult:
         return run_request(self.client, self.images, request)
 
     def segment(self, target: EditorTarget, volume_node, prompts: Prompts, dimension: int = 3,
-                slice_k: int | None = None, model: str | None = None) -> tuple[InferResult, WriteReport]:
+                slice_k: int | None = None, model: str | None = None,
+                text: str | None = None) -> tuple[InferResult, WriteReport]:
         """Synchronous: prompts -> server -> segment. Raises MSAClientError with the segment unchanged.
 
         A server that lost the image (ImageLost) gets it uploaded again, once."""
-        request = self.request(volume_node, prompts, dimension, slice_k, model)
+        request = self.request(volume_node, prompts, dimension, slice_k, model, text)
         try:
             result = self.run(request)
         except ImageLost:
-            request = self.request(volume_node, prompts, dimension, slice_k, model)  # voxels copied now
+            request = self.request(volume_node, prompts, dimension, slice_k, model, text)  # voxels copied now
             result = self.run(request)
         return result, apply_result(target, volume_node, request, result)

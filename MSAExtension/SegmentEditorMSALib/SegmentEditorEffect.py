@@ -384,7 +384,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             if prompts.empty():
                 self.status("Left click inside the structure (or shift + drag a box).")
                 return
-            request = make_request(segmenter.images, volume, prompts, dimension, sliceK)
+            request = make_request(segmenter.images, volume, prompts, dimension, sliceK,
+                                   text=logic.targetName(segmentation, segmentId))
         except MSAClientError as exc:
             self.status(str(exc))
             return

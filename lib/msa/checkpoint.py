@@ -244,6 +244,7 @@ def adapter_metadata(model: MSA) -> dict:
         "three_d": model.config.three_d,
         "decoder": model.config.decoder,
         "adapter": model.config.to_dict()["adapter"],
+        **({"targets": list(model.targets)} if model.targets else {}),
     }
 
 
@@ -294,9 +295,15 @@ def load_adapters(model: MSA, path: str | Path, allow_2d: bool = False) -> dict:
             f"{path} holds adapters shaped {meta['adapter']} three_d={meta['three_d']}; the model has "
             f"{model.config.to_dict()['adapter']} three_d={model.config.three_d}")
     state = payload["state_dict"]
-    expected = {k for k in model.trainable_state_dict() if not (from_2d and "depth_adapter." in k)}
+    targets = meta.get("targets") or []  # the names its target prompts learnt (files before them: none)
+    expected = {k for k in model.trainable_state_dict()
+                if not k.startswith("target_prompts.") and not (from_2d and "depth_adapter." in k)}
+    expected |= {"target_prompts.embeddings"} if targets else set()
     if set(state) != expected or not all(model.is_trainable(k) for k in state):
         raise CheckpointError(f"{path}: its tensors do not match the model's trainable parts")
+    if targets and tuple(state["target_prompts.embeddings"].shape) != (len(targets), model.prompt_encoder.embed_dim):
+        raise CheckpointError(f"{path}: its target prompts do not match the {len(targets)} names it lists")
+    model.set_targets(targets)
     model.load_state_dict(state, strict=False)
     model.adapters_meta = {**meta, "file": Path(path).name, "sha256": _file_sha256(path)}
     if from_2d:

@@ -111,6 +111,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         raise MSAError("give at least one --point or an --roi")
     volume = load_image(args.image, modality=args.modality)
     session = Session(_engine(args), volume)
+    session.set_target(args.text, label=args.label)
     if roi is not None:
         session.add_roi(roi, label=args.label, propagate=not args.no_propagate)
     for ijk, positive in prompts:
@@ -130,7 +131,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     source = parse_source(args.data, split=args.split, labels=args.labels)
     report = Path(args.report) if args.report else None
-    summary = evaluate(_engine(args), source, args.prompt, noc=args.noc, report_dir=report)
+    summary = evaluate(_engine(args), source, args.prompt, noc=args.noc, report_dir=report, named=args.named)
     print(json.dumps(summary, indent=1) if args.json else markdown_table(summary))
     return 0
 
@@ -183,7 +184,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          eval_every=args.eval_every, train_encoder=args.train_encoder,
                          encoder_blocks=args.encoder_blocks, scales=_parse_scales(args.scales),
-                         val_per_structure=args.val_per_structure,
+                         val_per_structure=args.val_per_structure, target_probability=args.target_probability,
+                         targets_only=args.targets_only,
                          **{k: v for k, v in (("box_probability", args.box_probability),
                                               ("box_click_probability", args.box_click_probability)) if v is not None})
     import torch
@@ -263,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a click in voxel indices; + positive (default), - negative; repeatable")
     segment.add_argument("--roi", metavar="i0,i1,j0,j1,k0,k1", help="a 3D box in voxel indices (k0 == k1: 2D box)")
     segment.add_argument("--label", type=int, default=1, help="label value written (default 1)")
+    segment.add_argument("--text", metavar="NAME", help="name the structure (\"liver\", \"brain\"): one of the "
+                                                       "adapters' target names (msa params --checkpoint ADAPTERS)")
     segment.add_argument("--modality", choices=["ct", "mr", "rgb"], help="intensity preset (default: detected)")
     segment.add_argument("--no-propagate", action="store_true", help="segment the prompted slices only")
     _model_options(segment, runtime=True)
@@ -275,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", help="comma-separated label names or ids (default: all present)")
     evaluate.add_argument("--split", help="datalist key (default: validation if present, else training)")
     evaluate.add_argument("--noc", action="store_true", help="also NoC@85 / NoC@90 (click protocols)")
+    evaluate.add_argument("--named", action="store_true",
+                          help="every prompt also names its structure (adapters with target prompts)")
     evaluate.add_argument("--report", metavar="DIR", help="write report.md and overlay PNGs here")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     _model_options(evaluate, runtime=True)
@@ -310,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--encoder-blocks", type=int, default=0, metavar="N",
                          help="train the adapters of the encoder's last N blocks too, on cached inputs of those "
                               "blocks (2D, or 3D on slabs of them; cheap enough for a CPU)")
+    trainer.add_argument("--target-probability", type=float, default=0.0, metavar="P",
+                         help="share of samples whose prompt also names the structure: the adapters learn a target "
+                              "prompt per label name (msa segment --text NAME; default 0: none)")
+    trainer.add_argument("--targets-only", action="store_true",
+                         help="train the target prompts alone: every other tensor of --adapters stays as it is, so "
+                              "prompts without a name answer exactly as before")
     trainer.add_argument("--val-per-structure", type=int, default=24,
                          help="validation slices per source and structure, spread evenly (0: all; default 24)")
     _model_options(trainer, runtime=True)  # the runtime encodes the frozen trunks

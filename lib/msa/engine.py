@@ -275,11 +275,13 @@ class Engine:
         *,
         multimask_output: bool | None = None,
         refine_clicks: bool = True,
+        target: str | None = None,
     ) -> tuple[np.ndarray, float]:
         """Mask logits (J, I) on slice k and the predicted IoU.
 
         points: (x=i, y=j, label) with label 1 positive, 0 negative; box: (x0, y0, x1, y1) = (i0, j0, i1, j1);
-        mask_input: logits (J, I) of a previous prediction on this slice, as SAM's dense prompt.
+        mask_input: logits (J, I) of a previous prediction on this slice, as SAM's dense prompt;
+        target: the name of the structure meant ("liver", "brain"), one of model.targets (msa.modeling.targets).
 
         The decode policy is per call, as SAM's predictor takes it:
         multimask_output: a lone click (no box, no mask input) is ambiguous, so SAM decodes three candidate
@@ -293,23 +295,24 @@ class Engine:
         """
         if multimask_output is None:
             multimask_output = not self.model.single_mask_trained
+        target_row = None if target is None else self.model.target_row(target)
         geometry = self.geometry(volume)
         embedding = self.embeddings(volume, [k])
         click_only = bool(points) and box is None and mask_input is None
         logits, iou = self._decode(embedding, geometry, points, box, mask_input,
-                                   multimask_output and click_only and len(points) == 1)
+                                   multimask_output and click_only and len(points) == 1, target_row)
         if refine_clicks and click_only:
             used = None
             for _ in range(REFINE_ROUNDS if len(points) == 1 else CORRECTIVE_REFINE_ROUNDS):
                 refined = clicked_box(logits > 0, points, margin=REFINE_MARGIN)
                 if refined is None or refined == used:  # the same box decodes to the same mask: done
                     break
-                logits, iou = self._decode(embedding, geometry, points, refined, None, False)
+                logits, iou = self._decode(embedding, geometry, points, refined, None, False, target_row)
                 used = refined
         return logits, iou
 
     def _decode(self, embedding: torch.Tensor, geometry: SliceGeometry, points, box, mask_input,
-                multimask: bool) -> tuple[np.ndarray, float]:
+                multimask: bool, target_row: int | None = None) -> tuple[np.ndarray, float]:
         point_prompt, box_prompt = prompt_tensors([geometry], [points] if points else None,
                                                   [box] if box is not None else None, self.model.device)
         dense = None
@@ -317,7 +320,9 @@ class Engine:
             side = self.model.prompt_encoder.mask_input_size[0]
             logits = torch.as_tensor(mask_input, dtype=torch.float32)[None, None]
             dense = geometry.mask_to_model(logits, side, fill=float(logits.min())).to(self.model.device)
-        low_res, iou = self.model.decode(embedding, point_prompt, box_prompt, dense, multimask_output=multimask)
+        targets = None if target_row is None else torch.tensor([target_row], device=self.model.device)
+        low_res, iou = self.model.decode(embedding, point_prompt, box_prompt, dense, multimask_output=multimask,
+                                         targets=targets)
         best = int(iou[0].argmax())
         logits = geometry.logits_to_image(low_res[:, best:best + 1].float().cpu())[0, 0]
         return logits.numpy(), float(iou[0, best])

@@ -54,14 +54,15 @@ NOC_TARGETS = (0.85, 0.90)
 class _SliceClicker:
     """Simulated clicks on one slice: keeps the click list, returns the engine's mask after each."""
 
-    def __init__(self, engine: Engine, volume, k: int, refine_clicks: bool = True) -> None:
+    def __init__(self, engine: Engine, volume, k: int, refine_clicks: bool = True, target: str | None = None) -> None:
         self.engine, self.volume, self.k, self.points = engine, volume, k, []
-        self.refine_clicks = refine_clicks
+        self.refine_clicks, self.target = refine_clicks, target
 
     def __call__(self, index: tuple[int, int], positive: bool) -> np.ndarray:
         j, i = index
         self.points.append((float(i), float(j), 1 if positive else 0))
-        logits, _ = self.engine.predict(self.volume, self.k, points=self.points, refine_clicks=self.refine_clicks)
+        logits, _ = self.engine.predict(self.volume, self.k, points=self.points, refine_clicks=self.refine_clicks,
+                                        target=self.target)
         return logits > 0
 
 
@@ -74,11 +75,15 @@ def evaluate(
     report_dir: Path | None = None,
     overlays_per_case: int = 4,
     refine_clicks: bool = True,
+    named: bool = False,
 ) -> dict:
     """Score `protocol` on every case and structure of `source` (or of plain cases, with `labels`);
-    returns the JSON-ready summary. refine_clicks: as Engine.predict's, for the slice click protocols."""
+    returns the JSON-ready summary. refine_clicks: as Engine.predict's, for the slice click protocols.
+    named: every prompt also names its structure (a target prompt: the adapters must know the names)."""
     if protocol not in PROTOCOLS:
         raise MSAError(f"unknown prompt protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if named and not engine.model.targets:
+        raise MSAError("named prompts need adapters with target prompts (msa train --target-probability)")
     if not isinstance(source, Source):
         source = Source("data", list(source), labels=labels)
     source.check_labels_present()
@@ -92,8 +97,9 @@ def evaluate(
             view, view_map = reslice(volume, ref_map, axis)
             _evaluate_volume(engine, view, view_map, structures, protocol, source.stride, noc, per_label,
                              case.name + ("" if axis == "k" else f"_{axis}"), report_dir, overlays, overlays_per_case,
-                             refine_clicks)
+                             refine_clicks, named)
     summary = _summarise(protocol, per_label, len(source.cases))
+    summary["named"] = named
     summary["encoded_slices"] = engine.encoded_slices
     if report_dir is not None:
         summary["overlays"] = overlays
@@ -103,7 +109,8 @@ def evaluate(
 
 def _evaluate_volume(engine: Engine, volume, ref_map: np.ndarray, structures: Structures, protocol: str,
                      stride: int, noc: bool, per_label: dict[str, list[dict]], name: str,
-                     report_dir: Path | None, overlays: list[str], overlays_per_case: int, refine_clicks: bool) -> None:
+                     report_dir: Path | None, overlays: list[str], overlays_per_case: int, refine_clicks: bool,
+                     named: bool) -> None:
     """Score every structure of one volume (as sliced for this protocol) into per_label."""
     spacing_kji = tuple(reversed(volume.geometry.GetSpacing()))
     scored = np.nonzero((ref_map > 0).any(axis=(1, 2)))[0][::stride]  # the slices 2D protocols may score
@@ -115,8 +122,10 @@ def _evaluate_volume(engine: Engine, volume, ref_map: np.ndarray, structures: St
     for label, ref in tqdm(masks.items(), desc=name, unit="label", disable=not engine.progress):
         if not ref.any():
             continue
+        target = label if named else None
         if protocol in ("roi", "3d-click"):
             session = Session(engine, volume)
+            session.set_target(target)
             if protocol == "roi":
                 kk, jj, ii = np.nonzero(ref)
                 session.add_roi([ii.min(), ii.max(), jj.min(), jj.max(), kk.min(), kk.max()])
@@ -141,11 +150,12 @@ def _evaluate_volume(engine: Engine, volume, ref_map: np.ndarray, structures: St
             if protocol == "box":
                 jj, ii = np.nonzero(ref_k)
                 box = (ii.min(), jj.min(), ii.max(), jj.max())
-                pred = engine.predict(volume, k, box=box)[0] > 0
+                pred = engine.predict(volume, k, box=box, target=target)[0] > 0
                 points = []
             else:
                 # One simulated user serves the protocol and NoC: same click sequence.
-                clicker, clicks = _SliceClicker(engine, volume, k, refine_clicks), 3 if protocol == "click3" else 1
+                clicker = _SliceClicker(engine, volume, k, refine_clicks, target)
+                clicks = 3 if protocol == "click3" else 1
                 pred, reached = metrics.simulate_clicks(clicker, ref_k, NOC_TARGETS if noc else (), clicks,
                                                         first=(interior_point(ref_k), True))
                 points = clicker.points[:clicks]
@@ -174,7 +184,7 @@ def _summarise(protocol: str, per_label: dict[str, list[dict]], n_cases: int) ->
 
 def markdown_table(summary: dict) -> str:
     keys = [k for k in ("dice", "iou", "hd95", "noc85", "noc90") if f"mean_{k}" in summary]
-    lines = [f"Protocol `{summary['protocol']}`, {summary['cases']} case(s); "
+    lines = [f"Protocol `{summary['protocol']}`{' (named)' if summary.get('named') else ''}, {summary['cases']} case(s); "
              f"n = {'slices' if summary['protocol'] in ('box', 'click1', 'click3') else 'volumes'}.", "",
              "| label | " + " | ".join(keys) + " | n |", "|---" * (len(keys) + 2) + "|"]
     for name, row in summary["per_label"].items():

@@ -42,6 +42,7 @@ class Track:
     seeds: dict[int, SeedPrompt] = field(default_factory=dict)
     masks: dict[int, np.ndarray] = field(default_factory=dict)  # k -> bool (J, I)
     boxes: dict[int, Box] = field(default_factory=dict)  # k -> the box prompt slice k was given
+    target: str | None = None  # the structure's name, sent with every prompt of this label (a target prompt)
 
 
 def mask_box(mask: np.ndarray) -> Box | None:
@@ -118,6 +119,16 @@ class Session:
             self.engine.embeddings(self.volume, list(range(k0, k1 + 1)))
         self._run(track, propagate)
 
+    def set_target(self, name: str | None, label: int = 1, propagate: bool = True) -> None:
+        """Name what this label is ("liver", "brain"): every prompt of it then carries the name, one of the
+        adapters' target names (engine.model.targets). Prompts already given are segmented again."""
+        if name is not None:
+            self.engine.model.target_row(name)  # PromptError for a name the adapters did not learn
+        track = self._track(label)
+        track.target = name
+        if track.seeds:
+            self._run(track, propagate)
+
     def add_mask(self, mask: np.ndarray, label: int = 1) -> None:
         """A previous result (K, J, I) for this label, to be corrected by later clicks."""
         if mask.shape != self.shape_kji:
@@ -190,16 +201,16 @@ class Session:
         m = self.margin
         return (max(box[0] - m, lo_i), max(box[1] - m, lo_j), min(box[2] + m, hi_i), min(box[3] + m, hi_j))
 
-    def _segment(self, k: int, box: Box | None, points=None) -> tuple[np.ndarray, float]:
+    def _segment(self, track: Track, k: int, box: Box | None, points=None) -> tuple[np.ndarray, float]:
         if box is None and not any(p[2] == 1 for p in points or ()):
             return np.zeros(self.shape_kji[1:], dtype=bool), 0.0  # nothing says where the structure is
         self.decoded += 1
-        logits, iou = self.engine.predict(self.volume, k, points=points or None, box=box)
+        logits, iou = self.engine.predict(self.volume, k, points=points or None, box=box, target=track.target)
         return logits > 0, iou
 
     def _segment_seed(self, track: Track, k: int) -> None:
         seed = track.seeds[k]
-        mask, _ = self._segment(k, seed.box, seed.points)
+        mask, _ = self._segment(track, k, seed.box, seed.points)
         track.masks[k] = mask
         if seed.box is not None:
             track.boxes[k] = seed.box
@@ -210,7 +221,7 @@ class Session:
         if box is None:
             return np.zeros_like(prev), 0.0
         track.boxes[k] = box
-        return self._segment(k, box)
+        return self._segment(track, k, box)
 
     def _ended(self, track: Track, mask: np.ndarray, iou: float) -> bool:
         """The structure has ended: an (almost) empty mask, or, without an ROI, a low-confidence one.

@@ -86,13 +86,15 @@ class MSAInfer(InferTask):
         foreground, background = params.foreground, params.background
         roi = list(params.roi) or None
         engine = self.provider.engine()
+        if params.text is not None:
+            engine.model.target_row(params.text)  # a name the adapters did not learn: 4xx, before any encoding
         if self.dimension == 2:
             foreground = [p for p in foreground if int(p[2]) == k]
             background = [p for p in background if int(p[2]) == k]
             roi = roi[:4] + [k, k] if roi is not None else None  # the ROI's box, on slice k
         model = (engine.model.encoder_key(), (engine.model.adapters_meta or {}).get("sha256"))
         key = SessionKey(params.client_id or DEFAULT_CLIENT, (volume.key, volume.modality), params.label,
-                         self.dimension, k, model)
+                         params.text, self.dimension, k, model)
         stored = self.sessions.take(key)  # out of the store while this request works on it
         added = stored.new_points(roi, foreground, background) if stored is not None else None
         if added is None:  # a new session: every prompt, roi first, then foreground, then background
@@ -104,6 +106,8 @@ class MSAInfer(InferTask):
         decoded_before = session.decoded
         propagate = self.dimension == 3
         with engine.count_encodings() as encoded:  # this request's own (others run on the same engine)
+            if state == "new":
+                session.set_target(params.text)
             if state == "new" and roi is not None:
                 session.add_roi(roi, propagate=propagate)
             for point in added[0]:

@@ -180,6 +180,11 @@ class ModelProvider:
                             + (f" (sha256 {sha[:12]})" if sha else "") + f", encoder runtime {self._engine.runtime_label}")
             return self._engine
 
+    def targets(self) -> list[str]:
+        """The structure names the current adapters learnt as target prompts (none before a model is loaded)."""
+        current = self._current
+        return list(current[0].model.targets) if current is not None else []
+
     def served(self) -> tuple[Path | None, str | None]:
         """The adapter file the current engine holds and its sha256 (as loaded). Loads nothing and
         takes no lock: /info/ runs on the event loop and must not wait for a model being built."""

@@ -103,6 +103,7 @@ class InferParams(StrictParams):
     background: Annotated[list[Point], Field(max_length=MAX_POINTS)] = []
     roi: Annotated[list[VoxelIndex], Field(max_length=6)] = []  # [i0, i1, j0, j1, k0, k1]; [] = none
     label: Text = None  # structure name; must be one the model lists
+    text: Text = None  # names the structure as a target prompt: one of the adapters' targets (/info/ msa.targets)
     slice: Annotated[int, Field(ge=0, le=MAX_INDEX)] = None  # msa_2d: the slice (default: first click's)
     result_extension: Literal[RESULT_EXTENSIONS] = ".nii.gz"
     save_label: bool = False  # also store the result in the datastore, under label_tag

@@ -32,6 +32,7 @@ class SessionKey:
     client: str
     image: tuple[str, str]  # Volume.key (content hash) and modality: what the embeddings depend on
     label: str | None
+    text: str | None  # the target prompt: another name is another session
     dimension: int
     slice: int | None  # msa_2d: the slice segmented; None in 3D
     model: tuple[str, str | None]  # encoder_key() and the adapter file's sha256: a new engine is not a new model

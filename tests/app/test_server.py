@@ -238,6 +238,7 @@ BAD_INPUTS = {  # name: (call(client, image id, study), expected status)
     "point outside the image": (_infer({"foreground": [[500, 500, 3]], "label": "spleen"}), 422),
     "roi of 5 numbers": (_infer({"roi": [10, 33, 22, 56, 0], "label": "spleen"}), 422),
     "unknown label": (_infer({"foreground": [[20, 40, 4]], "label": "not_an_organ"}), 422),
+    "unknown target name": (_infer({"foreground": [[20, 40, 4]], "text": "not_an_organ"}), 422),
     "unknown model": (lambda c, image, s: c.infer("no_such_model", image, {"foreground": [[20, 40, 4]]}), 404),
     "unknown image id": (lambda c, image, s: c.infer("msa", "no_such_image", {"foreground": [[20, 40, 4]]}), 404),
     "text file uploaded as x.nii.gz": (lambda c, image, s: c.upload_image(str(s.text), image_id="x"), 415),

@@ -264,7 +264,7 @@ def test_the_store_is_a_bounded_lru_with_an_idle_timeout(app_lib):
     model = ("encoder", "sha")
 
     def key(name: str, model=model):
-        return sessions.SessionKey(name, ("image", "ct"), "spleen", 3, None, model)
+        return sessions.SessionKey(name, ("image", "ct"), "spleen", None, 3, None, model)
 
     def stored(name: str):
         return sessions.Stored(session=name, roi=None, foreground=[], background=[])

@@ -9,7 +9,7 @@ import pytest
 import vtk
 
 from MSAExtensionLib import (MSAClient, MSAClientError, Prompts, ServerImages, control_points_world, make_request,
-                             point_ijk, roi_corners_world, roi_ijk)
+                             point_ijk, roi_corners_world, roi_ijk, target_name)
 from MSAExtensionLib.geometry import to_vtk
 from MSAExtensionLib.prompts import (MOVING_INDEX_ATTRIBUTE, add_point, edited_slice, prompt_nodes, prompts_from_nodes,
                                      set_box)
@@ -195,3 +195,17 @@ def test_an_edit_names_the_slice_of_the_moved_point_or_of_the_box(mrml, volume):
     assert edited_slice(volume, nodes.box) == 7
     set_box(nodes.box, world([40, 40, 6.5]), axes, tuple(np.array([20, 20, 4]) * spacing))  # slices 5..8
     assert edited_slice(volume, nodes.box) == 6
+
+
+def test_a_segment_named_as_a_target_sends_its_name(mrml, volume):
+    """The segment's name goes with the prompts as `text` only when the server lists it among its adapters'
+    target names (spelled as the server spells them), so a segment "Left Hippocampus" asks for that."""
+    info = {"msa": {"targets": ["brain", "left_hippocampus", "liver"]}}
+    assert target_name("Left Hippocampus", info) == "Left Hippocampus"
+    assert target_name("Liver", info) == "Liver"
+    assert target_name("Segment_1", info) is None and target_name("liver", {"msa": {}}) is None
+    assert target_name("liver", None) is None  # no /info/ yet: unnamed prompts
+    images = ServerImages(MSAClient("http://127.0.0.1:9"))  # preparing a request sends nothing
+    prompts = Prompts(positive=[world([20, 20, 4])])
+    assert make_request(images, volume, prompts, text="Liver").params["text"] == "Liver"
+    assert "text" not in make_request(images, volume, prompts).params

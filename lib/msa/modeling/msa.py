@@ -9,7 +9,9 @@ import torch
 from segment_anything.modeling.prompt_encoder import PromptEncoder
 from torch import nn
 
+from ..errors import PromptError
 from .adapter import AdapterConfig
+from .targets import TargetPrompts
 
 # Adapters learn wherever they are; beyond them, what of the mask decoder learns (MSAConfig.decoder).
 # Everything else (the backbone) stays frozen.
@@ -37,8 +39,8 @@ DECODER_TRAINED = {
 
 
 def is_trainable(name: str, decoder: str = "block2") -> bool:
-    """True for parameters that MSA trains: adapters, and the decoder parts that `decoder` names."""
-    return "_adapter." in name or name.startswith(DECODER_TRAINED[decoder])
+    """True for parameters that MSA trains: adapters, target prompts, and the decoder parts that `decoder` names."""
+    return "_adapter." in name or name.startswith(("target_prompts.", *DECODER_TRAINED[decoder]))
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class MSA(nn.Module):
         self._first_adapted_block: int | None = None
         self._encoder_backbone_hash: str | None = None
         self.adapters_meta: dict | None = None  # metadata of the adapter file loaded, if any
+        self.target_prompts: TargetPrompts | None = None  # see set_targets
         self.freeze_backbone()
 
     @property
@@ -99,6 +102,32 @@ class MSA(nn.Module):
 
     def is_trainable(self, name: str) -> bool:
         return is_trainable(name, self.config.decoder)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The structure names a prompt may name (msa.modeling.targets); () when the adapters learnt none."""
+        return self.target_prompts.names if self.target_prompts is not None else ()
+
+    def target_row(self, name: str) -> int:
+        """The target_prompts row of a structure name; PromptError when the adapters did not learn it."""
+        if self.target_prompts is None:
+            raise PromptError(f"target {name!r}: these adapters learnt no target names (msa train --target-probability)")
+        return self.target_prompts.index(name)
+
+    def set_targets(self, names: list[str] | tuple[str, ...]) -> None:
+        """Give the model target prompts for `names` (none: remove them). Tokens of names it already had are
+        kept; new names start from their own random token (see TargetPrompts)."""
+        old = self.target_prompts
+        if not names:
+            self.target_prompts = None
+            return
+        prompts = TargetPrompts(names, self.prompt_encoder.embed_dim).to(self.device)
+        if old is not None:
+            with torch.no_grad():
+                for row, name in enumerate(prompts.names):
+                    if name in old.names:
+                        prompts.embeddings[row] = old.embeddings[old.names.index(name)]
+        self.target_prompts = prompts
 
     def freeze_backbone(self) -> None:
         for name, param in self.named_parameters():
@@ -181,14 +210,21 @@ class MSA(nn.Module):
         boxes: torch.Tensor | None = None,
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder, one prompt set per embedding (or many for one embedding).
 
         points: (coords (B, N, 2) as (x, y), labels (B, N): 1 positive, 0 negative, -1 padding);
-        boxes: (B, 4); mask_inputs: (B, 1, 4h, 4w) logits of a previous prediction.
+        boxes: (B, 4); mask_inputs: (B, 1, 4h, 4w) logits of a previous prediction;
+        targets: (B,) rows of target_prompts naming what each prompt set is meant to segment.
         Returns low-resolution mask logits (B, M, 4h, 4w) and predicted IoU (B, M).
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
+        if targets is not None:
+            if self.target_prompts is None:
+                raise ValueError("this model has no target prompts (its adapters learnt none)")
+            names = self.target_prompts.embeddings[targets].to(sparse.dtype)
+            sparse = torch.cat([sparse, names.expand(sparse.shape[0], -1).unsqueeze(1)], dim=1)
         return self.mask_decoder(
             image_embeddings=embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),

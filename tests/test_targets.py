@@ -1,0 +1,162 @@
+"""Target prompts: a learned token per structure name joins the click and box tokens (msa.modeling.targets).
+
+What would break them: a token that never reaches the decoder (named = unnamed), rows mixed up inside a
+batch, names spelled differently at training and at inference, a model with target prompts that answers
+unnamed prompts differently, an adapter file that loses them, a targets-only run that moves anything else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_training import synthetic_pair, volume_of, write_pair
+
+import msa
+import msa.cli
+from msa.checkpoint import read_checkpoint, save_adapters
+from msa.engine import Engine
+from msa.errors import CheckpointError, MSAError, PromptError
+from msa.modeling.targets import TargetPrompts, canonical_name
+from msa.session import Session
+from msa.store import FeatureStore
+from msa.trainers import TrainConfig
+from msa.trainers.finetune import train_on
+from msa.trainers.slices import SliceData
+
+
+def tiny(names=("liver", "Left-Hippocampus", "brain")) -> msa.MSA:
+    torch.manual_seed(0)
+    model = msa.build_model("lite_medsam_tiny", pretrained=False)
+    if names:
+        model.set_targets(list(names))
+    return model.eval()
+
+
+def decode(model: msa.MSA, embeddings: torch.Tensor, targets=None):
+    points = (torch.tensor([[[100.0, 120.0]]]).expand(len(embeddings), -1, -1), torch.ones(len(embeddings), 1))
+    with torch.no_grad():
+        return model.decode(embeddings, points, None, None, targets=targets)[0]
+
+
+def test_canonical_names_and_unknown_names():
+    model = tiny()
+    assert model.targets == ("brain", "left_hippocampus", "liver")
+    assert canonical_name("Inferior vena cava") == "inferior_vena_cava"
+    assert model.target_row("Left-Hippocampus") == model.target_row("left hippocampus") == 1
+    with pytest.raises(PromptError, match="unknown target 'spleen'.*brain, left_hippocampus, liver"):
+        model.target_row("spleen")
+    with pytest.raises(PromptError, match="learnt no target names"):
+        tiny(names=()).target_row("liver")
+
+
+def test_a_named_prompt_reaches_the_decoder_row_by_row():
+    """Each name changes the answer, differently; a batch of named prompts answers as each alone; the
+    unnamed answer is the same with or without target prompts in the model."""
+    model, bare = tiny(), tiny(names=())
+    embeddings = torch.randn(3, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
+    unnamed = decode(model, embeddings)
+    torch.testing.assert_close(unnamed, decode(bare, embeddings), rtol=0, atol=0)
+    rows = torch.tensor([0, 1, 2])
+    batched = decode(model, embeddings, rows)
+    for b in range(3):
+        alone = decode(model, embeddings[b:b + 1], rows[b:b + 1])
+        torch.testing.assert_close(batched[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+        assert (alone - unnamed[b:b + 1]).abs().max() > 1e-3
+    assert (decode(model, embeddings[:1], rows[:1]) - decode(model, embeddings[:1], rows[1:2])).abs().max() > 1e-3
+
+
+def test_set_targets_keeps_the_tokens_of_names_kept():
+    model = tiny(names=("liver", "brain"))
+    with torch.no_grad():
+        model.target_prompts.embeddings.add_(1.0)  # as if trained
+    liver = model.target_prompts.embeddings[model.target_row("liver")].clone()
+    model.set_targets(["liver", "spleen"])
+    assert model.targets == ("liver", "spleen")
+    torch.testing.assert_close(model.target_prompts.embeddings[model.target_row("liver")], liver)
+    assert model.target_prompts.embeddings.requires_grad and model.is_trainable("target_prompts.embeddings")
+
+
+def test_adapter_files_keep_their_target_prompts(tmp_path: Path):
+    model = tiny()
+    with torch.no_grad():
+        model.target_prompts.embeddings.normal_()
+    save_adapters(model, tmp_path / "named.pt")
+    save_adapters(tiny(names=()), tmp_path / "plain.pt")
+    assert read_checkpoint(tmp_path / "named.pt")["metadata"]["targets"] == ["brain", "left_hippocampus", "liver"]
+
+    loaded = tiny(names=())
+    msa.load_adapters(loaded, tmp_path / "named.pt")
+    assert loaded.targets == model.targets
+    torch.testing.assert_close(loaded.target_prompts.embeddings, model.target_prompts.embeddings, rtol=0, atol=0)
+    msa.load_adapters(loaded, tmp_path / "plain.pt")  # a file without names takes them away
+    assert loaded.targets == ()
+
+    payload = read_checkpoint(tmp_path / "named.pt")
+    payload["metadata"]["targets"] = ["brain", "liver"]  # lists 2 names for 3 tokens
+    torch.save(payload, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="target prompts do not match the 2 names"):
+        msa.load_adapters(tiny(names=()), tmp_path / "broken.pt")
+
+
+def test_engine_and_session_send_the_name(tmp_path: Path):
+    """Engine.predict(target=...) answers differently from the unnamed prompt, the refinement round
+    included; Session.set_target makes every prompt of its label named; unknown names are refused."""
+    model = tiny(names=("blob",))
+    engine = Engine(model)
+    voxels, labels = synthetic_pair()
+    volume = volume_of(voxels)
+    named, _ = engine.predict(volume, 1, points=[(14.0, 16.0, 1)], target="blob")
+    unnamed, _ = engine.predict(volume, 1, points=[(14.0, 16.0, 1)])
+    assert np.abs(named - unnamed).max() > 1e-3
+    with pytest.raises(PromptError, match="unknown target 'liver'"):
+        engine.predict(volume, 1, points=[(14.0, 16.0, 1)], target="liver")
+
+    session = Session(engine, volume)
+    session.add_point((14, 16, 1), propagate=False)
+    np.testing.assert_array_equal(session.tracks[1].masks[1], unnamed > 0)
+    session.set_target("Blob", propagate=False)  # re-segments the prompts already given
+    np.testing.assert_array_equal(session.tracks[1].masks[1], named > 0)
+    with pytest.raises(PromptError, match="unknown target"):
+        session.set_target("liver")
+
+
+def test_targets_only_training_moves_the_tokens_alone(tmp_path: Path):
+    """targets_only: every tensor but the target tokens stays bit-identical, so unnamed prompts answer as
+    before; the tokens of the data's structure names learn; validation reports the named click."""
+    torch.manual_seed(0)
+    engine = Engine(msa.build_model("lite_medsam_tiny", pretrained=False), store=FeatureStore(tmp_path / "features"))
+    model = engine.model
+    voxels, labels = synthetic_pair()
+    data = SliceData(engine, [(volume_of(voxels), labels)], None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(steps=3, batch_size=4, eval_every=3, target_probability=1.0, targets_only=True)
+    stats = train_on(engine, data, None, tmp_path / "t.pt", config, resume=False)
+    assert model.targets == ("1", "2")  # the structures' names in a source without label names
+    changed = {k for k, v in model.state_dict().items() if k not in before or not torch.equal(before[k], v)}
+    assert changed == {"target_prompts.embeddings"}
+    start = TargetPrompts(["1", "2"], model.prompt_encoder.embed_dim).embeddings.detach()  # seeded by the names
+    assert not torch.allclose(model.target_prompts.embeddings.detach(), start)
+    assert "dice_click1_named" in stats["history"][-1]
+    assert read_checkpoint(tmp_path / "t.pt")["metadata"]["targets"] == ["1", "2"]
+
+
+def test_target_options_are_checked(tmp_path: Path, capsys):
+    data = write_pair(tmp_path)
+    common = ["--backbone", "lite_medsam_tiny", "--steps", "2", "--eval-every", "2"]
+    for bad in (["--targets-only"], ["--target-probability", "1.5"],
+                ["--target-probability", "1", "--targets-only", "--encoder-blocks", "1"]):
+        assert msa.cli.main(["train", data, "--out", str(tmp_path / "a.pt"), *common, *bad]) == 2, bad
+    assert not (tmp_path / "a.pt").exists()
+    image = data.split(":")[0]
+    assert msa.cli.main(["segment", image, "-o", str(tmp_path / "m.nii.gz"), "--point", "14,16,1",
+                         "--text", "liver", "--backbone", "lite_medsam_tiny", "--no-adapters"]) == 2
+    assert "learnt no target names" in capsys.readouterr().err
+    assert msa.cli.main(["eval", data, "--prompt", "click1", "--named", "--backbone", "lite_medsam_tiny",
+                         "--no-adapters"]) == 2
+    assert "named prompts need adapters with target prompts" in capsys.readouterr().err
+    assert not (tmp_path / "m.nii.gz").exists()
+    with pytest.raises(MSAError):
+        TrainConfig(target_probability=-0.1)
