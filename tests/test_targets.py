@@ -23,7 +23,7 @@ from msa.modeling.targets import TargetPrompts, canonical_name
 from msa.session import Session
 from msa.store import FeatureStore
 from msa.trainers import TrainConfig
-from msa.trainers.finetune import train_on
+from msa.trainers.finetune import helpful_targets, train_on
 from msa.trainers.slices import SliceData
 
 
@@ -50,6 +50,9 @@ def test_canonical_names_and_unknown_names():
         model.target_row("spleen")
     with pytest.raises(PromptError, match="learnt no target names"):
         tiny(names=()).target_row("liver")
+    # Untrained tokens start near SAM's "not a point" token (which the decoder reads as no information).
+    offsets = model.target_prompts.embeddings.detach() - model.prompt_encoder.not_a_point_embed.weight[0]
+    assert 0.05 < float(offsets.std()) < 0.2
 
 
 def test_a_named_prompt_reaches_the_decoder_row_by_row():
@@ -137,10 +140,31 @@ def test_targets_only_training_moves_the_tokens_alone(tmp_path: Path):
     assert model.targets == ("1", "2")  # the structures' names in a source without label names
     changed = {k for k, v in model.state_dict().items() if k not in before or not torch.equal(before[k], v)}
     assert changed == {"target_prompts.embeddings"}
-    start = TargetPrompts(["1", "2"], model.prompt_encoder.embed_dim).embeddings.detach()  # seeded by the names
+    start = TargetPrompts(["1", "2"], model.prompt_encoder.not_a_point_embed.weight[0]).embeddings.detach()
     assert not torch.allclose(model.target_prompts.embeddings.detach(), start)
-    assert "dice_click1_named" in stats["history"][-1]
-    assert read_checkpoint(tmp_path / "t.pt")["metadata"]["targets"] == ["1", "2"]
+    record = stats["history"][-1]
+    assert "dice_click1_named" in record
+    saved = read_checkpoint(tmp_path / "t.pt")
+    assert saved["metadata"].get("targets", []) == helpful_targets(record, model.targets)
+
+
+def test_a_file_keeps_only_the_names_that_validated_better_than_a_plain_click(tmp_path: Path):
+    record = {"per_source": {
+        "ct": {"structures": {"liver": {"click1": 0.80, "click1_named": 0.90},
+                              "spleen": {"click1": 0.90, "click1_named": 0.85}}},
+        "mr": {"structures": {"liver": {"click1": 0.85, "click1_named": 0.80},  # liver: +0.10 and -0.05
+                              "Left-Hippocampus": {"click1": 0.30, "click1_named": 0.30}}}}}
+    names = ("brain", "left_hippocampus", "liver", "spleen")  # brain: never validated
+    assert helpful_targets(record, names) == ["left_hippocampus", "liver"]
+
+    model = tiny(names=names)
+    save_adapters(model, tmp_path / "kept.pt", targets=["liver"])
+    loaded = tiny(names=())
+    msa.load_adapters(loaded, tmp_path / "kept.pt")
+    assert loaded.targets == ("liver",)
+    torch.testing.assert_close(loaded.target_prompts.embeddings[0], model.target_prompts.embeddings[model.target_row("liver")])
+    with pytest.raises(ValueError, match="not the model's"):
+        save_adapters(model, tmp_path / "bad.pt", targets=["aorta"])
 
 
 def test_target_options_are_checked(tmp_path: Path, capsys):
@@ -160,3 +184,18 @@ def test_target_options_are_checked(tmp_path: Path, capsys):
     assert not (tmp_path / "m.nii.gz").exists()
     with pytest.raises(MSAError):
         TrainConfig(target_probability=-0.1)
+
+
+def test_eval_names_the_structures_whose_names_the_adapters_know(tmp_path: Path):
+    """msa eval --named: structure "1" (a name the model learnt) is prompted with its name, structure "2"
+    with the plain click, so its scores are the plain run's."""
+    from msa.data import parse_source
+    from msa.evaluate import evaluate
+
+    engine = Engine(tiny(names=("1",)))
+    source = parse_source(write_pair(tmp_path))
+    plain = evaluate(engine, source, "click1")
+    named = evaluate(engine, source, "click1", named=True)
+    assert plain["named"] == [] and named["named"] == ["1"]
+    assert named["per_label"]["2"] == plain["per_label"]["2"]
+    assert named["per_label"]["1"] != plain["per_label"]["1"]  # the name reached the decoder

@@ -149,8 +149,8 @@ class Trainer:
         self.teacher_engine = (Engine(self.teacher, cache=engine.cache, slab_depth=engine.slab_depth,
                                       batch_size=engine.batch_size, store=engine.store)
                                if self.teacher is not None and student_encoder_adapted else None)
-        # Target tokens start random at the scale of the point tokens and are each trained by a few samples
-        # only: they move TARGET_LR_SCALE times faster than the adapters, without weight decay.
+        # A target token is trained by the few samples that name its structure: tokens move TARGET_LR_SCALE
+        # times faster than the adapters, without weight decay.
         targets = {id(p) for p in self.model.target_prompts.parameters()} if self.model.target_prompts else set()
         groups = [{"params": [p for p in self.params if id(p) not in targets]}]
         if targets:
@@ -398,14 +398,15 @@ class Trainer:
                 self.best = score
                 save_adapters(self.model, self.out, extra={"training": {**record, "seed": self.config.seed,
                                                                         "steps": self.config.steps},
-                                                           **self.provenance})
+                                                           **self.provenance},
+                              targets=helpful_targets(record, self.model.targets))
             self.save_state()
             write_curves(self.history, self.out)
         if self.world > 1:
             dist.barrier()
 
 
-TARGET_LR_SCALE = 10
+TARGET_LR_SCALE = 30
 
 
 def trainable_sha256(model: MSA) -> str:
@@ -413,6 +414,18 @@ def trainable_sha256(model: MSA) -> str:
     for name, tensor in sorted(model.trainable_state_dict().items()):
         digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def helpful_targets(record: dict, names: tuple[str, ...]) -> list[str]:
+    """The target names an adapter file keeps: those whose named click validated at least as well as the
+    plain click (mean over the sources that validate the structure). A name no validation sample has is
+    left out too: a name a user sends must not make the answer worse than sending none."""
+    gains: dict[str, list[float]] = {}
+    for source in record["per_source"].values():
+        for label, row in source["structures"].items():
+            if "click1_named" in row:
+                gains.setdefault(canonical_name(label), []).append(row["click1_named"] - row["click1"])
+    return [name for name in names if name in gains and np.mean(gains[name]) >= 0]
 
 
 def selection_score(record: dict) -> float:

@@ -235,7 +235,8 @@ def atomic_save(obj: object, path: str | Path) -> None:
         raise
 
 
-def adapter_metadata(model: MSA) -> dict:
+def adapter_metadata(model: MSA, targets: list[str] | tuple[str, ...] | None = None) -> dict:
+    targets = model.targets if targets is None else targets
     return {
         "format": ADAPTER_FORMAT,
         "version": ADAPTER_FORMAT_VERSION,
@@ -244,20 +245,30 @@ def adapter_metadata(model: MSA) -> dict:
         "three_d": model.config.three_d,
         "decoder": model.config.decoder,
         "adapter": model.config.to_dict()["adapter"],
-        **({"targets": list(model.targets)} if model.targets else {}),
+        **({"targets": list(targets)} if targets else {}),
     }
 
 
-def save_adapters(model: MSA, path: str | Path, extra: dict | None = None) -> dict:
-    """Write the trainable tensors (adapters, decoder block 2, mask head) and metadata, atomically.
+def save_adapters(model: MSA, path: str | Path, extra: dict | None = None,
+                  targets: list[str] | tuple[str, ...] | None = None) -> dict:
+    """Write the trainable tensors (adapters, decoder block 2, mask head, target prompts) and metadata,
+    atomically.
 
     `extra` (JSON-like: str, int, float, lists, dicts) is stored under "extra" (e.g. training stats).
+    targets: the target names the file keeps, a subset of model.targets (default: all of them).
     Returns the metadata written.
     """
-    meta = adapter_metadata(model)
+    targets = sorted(model.targets if targets is None else targets)
+    if not set(targets) <= set(model.targets):
+        raise ValueError(f"targets {sorted(set(targets) - set(model.targets))} are not the model's")
+    meta = adapter_metadata(model, targets)
     if extra:
         meta["extra"] = extra
-    state = {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()
+             if not k.startswith("target_prompts.")}
+    if targets:
+        state["target_prompts.embeddings"] = model.target_prompts.embeddings.detach().cpu()[
+            [model.targets.index(name) for name in targets]].clone()
     atomic_save({"metadata": meta, "state_dict": state}, path)
     return meta
 

@@ -23,6 +23,7 @@ from .data import Case, Source, Structures
 from .engine import Engine
 from .errors import MSAError
 from .io import load_image, resample_labels_to, reslice
+from .modeling.targets import canonical_name
 from .names import PROTOCOLS
 from .overlay import save_overlay
 from .session import Session
@@ -79,7 +80,8 @@ def evaluate(
 ) -> dict:
     """Score `protocol` on every case and structure of `source` (or of plain cases, with `labels`);
     returns the JSON-ready summary. refine_clicks: as Engine.predict's, for the slice click protocols.
-    named: every prompt also names its structure (a target prompt: the adapters must know the names)."""
+    named: every prompt of a structure whose name the adapters learnt (engine.model.targets) also names it,
+    as a target prompt; other structures get plain prompts (what the Slicer extension sends)."""
     if protocol not in PROTOCOLS:
         raise MSAError(f"unknown prompt protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if named and not engine.model.targets:
@@ -99,7 +101,7 @@ def evaluate(
                              case.name + ("" if axis == "k" else f"_{axis}"), report_dir, overlays, overlays_per_case,
                              refine_clicks, named)
     summary = _summarise(protocol, per_label, len(source.cases))
-    summary["named"] = named
+    summary["named"] = sorted(label for label in per_label if named and canonical_name(label) in engine.model.targets)
     summary["encoded_slices"] = engine.encoded_slices
     if report_dir is not None:
         summary["overlays"] = overlays
@@ -122,7 +124,7 @@ def _evaluate_volume(engine: Engine, volume, ref_map: np.ndarray, structures: St
     for label, ref in tqdm(masks.items(), desc=name, unit="label", disable=not engine.progress):
         if not ref.any():
             continue
-        target = label if named else None
+        target = label if named and canonical_name(label) in engine.model.targets else None
         if protocol in ("roi", "3d-click"):
             session = Session(engine, volume)
             session.set_target(target)
@@ -184,7 +186,8 @@ def _summarise(protocol: str, per_label: dict[str, list[dict]], n_cases: int) ->
 
 def markdown_table(summary: dict) -> str:
     keys = [k for k in ("dice", "iou", "hd95", "noc85", "noc90") if f"mean_{k}" in summary]
-    lines = [f"Protocol `{summary['protocol']}`{' (named)' if summary.get('named') else ''}, {summary['cases']} case(s); "
+    named = f" (named: {', '.join(summary['named'])})" if summary.get("named") else ""
+    lines = [f"Protocol `{summary['protocol']}`{named}, {summary['cases']} case(s); "
              f"n = {'slices' if summary['protocol'] in ('box', 'click1', 'click3') else 'volumes'}.", "",
              "| label | " + " | ".join(keys) + " | n |", "|---" * (len(keys) + 2) + "|"]
     for name, row in summary["per_label"].items():

@@ -83,6 +83,7 @@ def test_errors_reach_the_gui_thread_as_outcomes(liver_run, liver_case):
 
 
 def test_connection_shows_models_backbone_and_adapters(server):
+    from msa.checkpoint import read_adapter_metadata
     from msa.modeling.build import default_adapters
 
     client = MSAClient(server.url)
@@ -91,7 +92,7 @@ def test_connection_shows_models_backbone_and_adapters(server):
     shipped = default_adapters("lite_medsam", False)
     sha = hashlib.sha256(open(shipped, "rb").read()).hexdigest()
     assert info["msa"] == {"backbone": "lite_medsam", "three_d": False, "adapters": shipped.name,
-                           "adapters_sha256": sha}, info["msa"]
+                           "adapters_sha256": sha, "targets": read_adapter_metadata(shipped).get("targets", [])}, info["msa"]
     assert summary.startswith("Connected: models msa (3D), msa_2d (2D); backbone lite_medsam; ")
     assert f"adapters {shipped.name} (sha256 {sha[:12]})" in summary
     assert "strategies random, first, uncertainty" in summary

@@ -121,7 +121,7 @@ class MSA(nn.Module):
         if not names:
             self.target_prompts = None
             return
-        prompts = TargetPrompts(names, self.prompt_encoder.embed_dim).to(self.device)
+        prompts = TargetPrompts(names, self.prompt_encoder.not_a_point_embed.weight[0]).to(self.device)
         if old is not None:
             with torch.no_grad():
                 for row, name in enumerate(prompts.names):
