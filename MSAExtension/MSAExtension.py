@@ -21,7 +21,8 @@ from slicer.util import VTKObservationMixin
 
 from MSAExtensionLib import (DEFAULT_URL, EditorLogicTarget, ImageLost, MSAClient, MSAClientError, Prompts, Segmenter,
                              connection_summary, fetch_sample, make_editor_logic, mark_server_image, prepare_label,
-                             prompt_nodes, reset_prompts, send_label, shortcuts_html, target_name, train_progress)
+                             prompt_nodes, reset_prompts, send_label, shortcuts_html, target_name, train_progress,
+                             info_outdated)
 
 URL_SETTING = "MSAExtension/ServerURL"
 EFFECT_NAME = "MSA"
@@ -151,8 +152,15 @@ class MSAExtensionLogic(ScriptedLoadableModuleLogic):
         Needs Slicer 5.10 or later (vtkSlicerSegmentEditorLogic); the effect works without it."""
         logic = make_editor_logic(segmentationNode.GetScene(), segmentationNode, volumeNode, editorNode)
         target = EditorLogicTarget(logic, segmentId)
-        return self.segmenter.segment(target, volumeNode, prompts, dimension, sliceK,
-                                      text=self.targetName(segmentationNode, segmentId))
+        result, report = self.segmenter.segment(target, volumeNode, prompts, dimension, sliceK,
+                                                text=self.targetName(segmentationNode, segmentId))
+        self.noteAnswer(result.params)
+        return result, report
+
+    def noteAnswer(self, params):
+        """Other adapters answered than /info/ described: read it again before the next request."""
+        if info_outdated(self.info, params):
+            self.info = None
 
     def targetName(self, segmentationNode, segmentId):
         """The segment's name as a target prompt, when the server's adapters learnt it (else None)."""

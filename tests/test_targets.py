@@ -102,16 +102,40 @@ def test_adapter_files_keep_their_target_prompts(tmp_path: Path):
     torch.save(payload, tmp_path / "broken.pt")
     with pytest.raises(CheckpointError, match="target prompts do not match the 2 names"):
         msa.load_adapters(tiny(names=()), tmp_path / "broken.pt")
+    payload["metadata"]["targets"] = ["liver", "brain", "left_hippocampus"]  # rows in another order than sorted
+    torch.save(payload, tmp_path / "unsorted.pt")
+    with pytest.raises(CheckpointError, match="target prompts do not match the 3 names"):
+        msa.load_adapters(tiny(names=()), tmp_path / "unsorted.pt")
+
+    # A damaged tensor is refused before the model changes: its names and tokens stay as they were.
+    payload = read_checkpoint(tmp_path / "plain.pt")
+    key = next(k for k, v in payload["state_dict"].items() if "_adapter." in k and v.shape[0] > 1)
+    payload["state_dict"][key] = payload["state_dict"][key][:1]
+    torch.save(payload, tmp_path / "damaged.pt")
+    kept = tiny(names=("brain",))
+    with pytest.raises(CheckpointError, match=f"{key} is"):
+        msa.load_adapters(kept, tmp_path / "damaged.pt")
+    assert kept.targets == ("brain",)
 
 
-def test_engine_and_session_send_the_name(tmp_path: Path):
-    """Engine.predict(target=...) answers differently from the unnamed prompt, the refinement round
-    included; Session.set_target makes every prompt of its label named; unknown names are refused."""
+def test_engine_and_session_send_the_name(tmp_path: Path, monkeypatch):
+    """Engine.predict(target=...) sends the name with every decode (the refinement round included) and
+    answers differently from the unnamed prompt; Session.set_target names every prompt of its label,
+    propagated slices included; unknown names are refused."""
     model = tiny(names=("blob",))
     engine = Engine(model)
+    sent = []
+    decode = model.decode
+
+    def recording(*args, targets=None, **kwargs):
+        sent.append(None if targets is None else targets.tolist())
+        return decode(*args, targets=targets, **kwargs)
+
+    monkeypatch.setattr(model, "decode", recording)
     voxels, labels = synthetic_pair()
     volume = volume_of(voxels)
     named, _ = engine.predict(volume, 1, points=[(14.0, 16.0, 1)], target="blob")
+    assert sent == [[0], [0]]  # the click, then its refinement with the mask's box
     unnamed, _ = engine.predict(volume, 1, points=[(14.0, 16.0, 1)])
     assert np.abs(named - unnamed).max() > 1e-3
     with pytest.raises(PromptError, match="unknown target 'liver'"):
@@ -122,6 +146,9 @@ def test_engine_and_session_send_the_name(tmp_path: Path):
     np.testing.assert_array_equal(session.tracks[1].masks[1], unnamed > 0)
     session.set_target("Blob", propagate=False)  # re-segments the prompts already given
     np.testing.assert_array_equal(session.tracks[1].masks[1], named > 0)
+    sent.clear()
+    session.add_roi([6, 21, 8, 23, 0, 3])  # propagated through the other slices, still named
+    assert len(sent) >= 4 and all(rows == [0] for rows in sent), sent
     with pytest.raises(PromptError, match="unknown target"):
         session.set_target("liver")
 
@@ -158,11 +185,13 @@ def test_a_file_keeps_only_the_names_that_validated_better_than_a_plain_click(tm
     assert helpful_targets(record, names) == ["left_hippocampus", "liver"]
 
     model = tiny(names=names)
-    save_adapters(model, tmp_path / "kept.pt", targets=["liver"])
+    save_adapters(model, tmp_path / "kept.pt", targets=["spleen", "liver"])
     loaded = tiny(names=())
     msa.load_adapters(loaded, tmp_path / "kept.pt")
-    assert loaded.targets == ("liver",)
-    torch.testing.assert_close(loaded.target_prompts.embeddings[0], model.target_prompts.embeddings[model.target_row("liver")])
+    assert loaded.targets == ("liver", "spleen")
+    for name in ("liver", "spleen"):
+        torch.testing.assert_close(loaded.target_prompts.embeddings[loaded.target_row(name)],
+                                   model.target_prompts.embeddings[model.target_row(name)], rtol=0, atol=0)
     with pytest.raises(ValueError, match="not the model's"):
         save_adapters(model, tmp_path / "bad.pt", targets=["aorta"])
 

@@ -246,7 +246,8 @@ class Trainer:
     def _loss(self, embeddings: torch.Tensor, samples: list[Sample], prompts: list[Prompt]) -> torch.Tensor:
         low_res, iou_pred = self._decode_prompts(embeddings, samples, prompts)
         target = self._targets(samples, low_res.shape[-1]).to(low_res.device)
-        box_only = [b for b, p in enumerate(prompts) if p.kind == "box"]
+        # (named boxes learn the labels: the backbone knows no names)
+        box_only = [b for b, p in enumerate(prompts) if p.kind == "box" and p.target is None]
         if self.teacher is not None and box_only:
             picked = [samples[b] for b in box_only]
             with torch.no_grad():  # soft targets: the backbone's probabilities
@@ -399,7 +400,9 @@ class Trainer:
                 save_adapters(self.model, self.out, extra={"training": {**record, "seed": self.config.seed,
                                                                         "steps": self.config.steps},
                                                            **self.provenance},
-                              targets=helpful_targets(record, self.model.targets))
+                              # a run that trains no names keeps those it started with
+                              targets=helpful_targets(record, self.model.targets) if self.config.target_probability
+                              else None)
             self.save_state()
             write_curves(self.history, self.out)
         if self.world > 1:

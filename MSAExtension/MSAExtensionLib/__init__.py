@@ -10,7 +10,7 @@ from .geometry import box_ijk, control_points_world, point_ijk, roi_corners_worl
 from .images import ServerImages, content_hash, fetch_sample, mark_server_image, volume_array
 from .labels import label_map, prepare_label, segment_on_volume_grid, send_label, submit_label
 from .segmenter import (InferRequest, InferResult, Prompts, Segmenter, apply_result, make_request, run_request,
-                        target_name)
+                        info_outdated, target_name)
 from .prompts import (PromptNodes, add_point, edited_slice, moved_point_index, prompt_nodes, prompts_from_nodes,
                       reset_prompts, set_box)
 from .status import SHORTCUTS, connection_summary, shortcuts_html, train_progress
@@ -21,9 +21,9 @@ __all__ = [
     "DEFAULT_URL", "EditorLogicTarget", "EditorTarget", "ImageLost", "InferAnswer", "InferRequest",
     "InferResult", "LatestRequestWorker", "MSAClient", "MSAClientError", "Outcome", "PromptNodes", "Prompts",
     "SHORTCUTS", "Segmenter", "ServerImages", "WriteReport", "add_point", "apply_result", "box_ijk",
-    "connection_summary", "content_hash", "control_points_world", "edited_slice", "fetch_sample", "label_map",
-    "make_editor_logic", "make_request", "mark_server_image", "moved_point_index", "point_ijk",
+    "connection_summary", "content_hash", "control_points_world", "edited_slice", "fetch_sample", "info_outdated",
+    "label_map", "make_editor_logic", "make_request", "mark_server_image", "moved_point_index", "point_ijk",
     "prepare_label", "prompt_nodes", "prompts_from_nodes", "reset_prompts", "roi_corners_world", "roi_ijk",
-    "run_request", "segment_on_volume_grid", "send_label", "set_box", "shortcuts_html", "submit_label", "target_name",
-    "train_progress", "volume_array", "world_to_ijk", "write_mask",
+    "run_request", "segment_on_volume_grid", "send_label", "set_box", "shortcuts_html", "submit_label",
+    "target_name", "train_progress", "volume_array", "world_to_ijk", "write_mask",
 ]

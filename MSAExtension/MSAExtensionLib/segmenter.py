@@ -86,6 +86,13 @@ def target_name(segment_name: str, info: dict | None) -> str | None:
     return segment_name if spelled in targets else None
 
 
+def info_outdated(info: dict | None, answer_params: dict) -> bool:
+    """Whether an answer came from other adapters than GET /info/ described (training published new ones):
+    their target names may differ, so /info/ must be read again before the next request names a segment."""
+    served = ((info or {}).get("msa") or {}).get("adapters_sha256")
+    return info is not None and answer_params.get("adapters_sha256") != served
+
+
 def make_request(images: ServerImages, volume_node, prompts: Prompts, dimension: int = 3,
                  slice_k: int | None = None, model: str | None = None, text: str | None = None) -> InferRequest:
     """World prompts -> a request on the volume's voxel grid (GUI thread: reads MRML nodes).

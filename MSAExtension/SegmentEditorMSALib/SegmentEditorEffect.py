@@ -409,6 +409,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.request(pending.sliceK, pending.dimension, retried=True)
             return
         if outcome.error is not None:
+            if "unknown target" in str(outcome.error):  # the served adapters changed their names
+                self.logic().info = None
             if not isinstance(outcome.error, MSAClientError):
                 logging.error("MSA request failed", exc_info=outcome.error)
                 self.status(f"Unexpected error: {outcome.error} (details in the Python console); segment unchanged")
@@ -427,6 +429,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         except MSAClientError as exc:
             self.status(str(exc))
             return
+        self.logic().noteAnswer(outcome.result.params)
         change = (f"{len(report.changed_slices)} slices changed (+{report.added} / -{report.removed} voxels)"
                   if report.changed else "no change")
         ignored = f"; left out: {', '.join(request.ignored)}" if request.ignored else ""

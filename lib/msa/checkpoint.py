@@ -20,6 +20,7 @@ import torch
 from .errors import CheckpointError
 from .modeling.adapter import AdapterConfig
 from .modeling.msa import MSA
+from .modeling.targets import canonical_name
 
 logger = logging.getLogger("msa")
 
@@ -312,8 +313,14 @@ def load_adapters(model: MSA, path: str | Path, allow_2d: bool = False) -> dict:
     expected |= {"target_prompts.embeddings"} if targets else set()
     if set(state) != expected or not all(model.is_trainable(k) for k in state):
         raise CheckpointError(f"{path}: its tensors do not match the model's trainable parts")
-    if targets and tuple(state["target_prompts.embeddings"].shape) != (len(targets), model.prompt_encoder.embed_dim):
+    if targets and (list(targets) != sorted({canonical_name(t) for t in targets}) or tuple(
+            state["target_prompts.embeddings"].shape) != (len(targets), model.prompt_encoder.embed_dim)):
         raise CheckpointError(f"{path}: its target prompts do not match the {len(targets)} names it lists")
+    trainable = model.trainable_state_dict()
+    wrong = [k for k in state if k in trainable and state[k].shape != trainable[k].shape]
+    if wrong:  # checked before the model changes: a failed load leaves it as it was
+        raise CheckpointError(f"{path}: {wrong[0]} is {tuple(state[wrong[0]].shape)}, the model's "
+                              f"{tuple(trainable[wrong[0]].shape)}")
     model.set_targets(targets)
     model.load_state_dict(state, strict=False)
     model.adapters_meta = {**meta, "file": Path(path).name, "sha256": _file_sha256(path)}

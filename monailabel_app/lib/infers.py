@@ -14,6 +14,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from msa.errors import ImageError
 from msa.io import Volume, load_image, save_labels
+from msa.modeling.targets import canonical_name
 from msa.session import Session
 
 from .models import ModelProvider
@@ -94,7 +95,7 @@ class MSAInfer(InferTask):
             roi = roi[:4] + [k, k] if roi is not None else None  # the ROI's box, on slice k
         model = (engine.model.encoder_key(), (engine.model.adapters_meta or {}).get("sha256"))
         key = SessionKey(params.client_id or DEFAULT_CLIENT, (volume.key, volume.modality), params.label,
-                         params.text, self.dimension, k, model)
+                         canonical_name(params.text) if params.text else None, self.dimension, k, model)
         stored = self.sessions.take(key)  # out of the store while this request works on it
         added = stored.new_points(roi, foreground, background) if stored is not None else None
         if added is None:  # a new session: every prompt, roi first, then foreground, then background

@@ -127,11 +127,12 @@ class ModelProvider:
         """Load the published file into `model`; on any failure put the model back as it was and
         say why in one line (the file is a user's: an old format, another backbone, damaged)."""
         before = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
-        meta = model.adapters_meta
+        meta, targets = model.adapters_meta, model.targets
         try:
             load_adapters(model, self.published)
             return None
         except Exception as error:
+            model.set_targets(targets)  # (the tokens themselves come back with the other tensors)
             model.load_state_dict(before, strict=False)
             model.adapters_meta = meta
             return _one_line(error).replace(f"{self.published}: ", "").replace(f"{self.published} ", "")

@@ -109,6 +109,33 @@ def test_eval_click1_spleen_headline(spleen_crop, default_engine_cli, capsys):
     assert summary["mean_noc85"] == pytest.approx(spleen["noc85"])
 
 
+def test_eval_click1_named_spleen_and_liver(spleen_crop, default_engine_cli, capsys):
+    """A click that names its structure (--named: the shipped adapters' target prompts) gives the whole organ
+    where the plain click gives part of it. Measured on these 8 slices: spleen 0.931 named vs 0.733 plain
+    (NoC90 1.1 vs 2.0), liver 0.900 vs 0.759."""
+    assert cli.main(["eval", spleen_crop, "--prompt", "click1", "--named", "--noc", "--labels", "spleen,liver",
+                     "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["named"] == ["liver", "spleen"]
+    spleen, liver = summary["per_label"]["spleen"], summary["per_label"]["liver"]
+    assert spleen["dice"] >= 0.85 and liver["dice"] >= 0.85
+    assert spleen["noc90"] <= 1.5
+
+
+def test_eval_click1_named_whole_brain_on_an_orientation_never_trained(shared_data, default_engine_cli, capsys):
+    """One click inside the brain on sagittal slices (training saw axial and coronal ones): named "brain",
+    it gives the brain; plain, a structure-sized part of it. Measured on these 8 slices: 0.794 vs 0.526."""
+    brain = (f"{shared_data}/brain_t1/brain_t1.nii.gz:{shared_data}/brain_t1/brain_t1_aseg.nii.gz"
+             "::labels=none::whole=brain::axes=i::stride=20")
+    scores = {}
+    for named in (False, True):
+        assert cli.main(["eval", brain, "--prompt", "click1", "--json"] + ["--named"] * named) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["per_label"]["brain"]["n"] == 8
+        scores[named] = summary["per_label"]["brain"]["dice"]
+    assert scores[True] >= 0.7 and scores[True] >= scores[False] + 0.15, scores
+
+
 def test_eval_box_spleen_json_and_report(spleen_crop, default_engine_cli, tmp_path, capsys):
     report = tmp_path / "report"
     argv = ["eval", spleen_crop, "--prompt", "box", "--labels", "spleen", "--json", "--report", str(report)]

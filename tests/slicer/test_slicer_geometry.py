@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import vtk
 
-from MSAExtensionLib import (MSAClient, MSAClientError, Prompts, ServerImages, control_points_world, make_request,
-                             point_ijk, roi_corners_world, roi_ijk, target_name)
+from MSAExtensionLib import (MSAClient, MSAClientError, Prompts, ServerImages, control_points_world, info_outdated,
+                             make_request, point_ijk, roi_corners_world, roi_ijk, target_name)
 from MSAExtensionLib.geometry import to_vtk
 from MSAExtensionLib.prompts import (MOVING_INDEX_ATTRIBUTE, add_point, edited_slice, prompt_nodes, prompts_from_nodes,
                                      set_box)
@@ -209,3 +209,7 @@ def test_a_segment_named_as_a_target_sends_its_name(mrml, volume):
     prompts = Prompts(positive=[world([20, 20, 4])])
     assert make_request(images, volume, prompts, text="Liver").params["text"] == "Liver"
     assert "text" not in make_request(images, volume, prompts).params
+    # Training published other adapters (their names may differ): /info/ must be read again.
+    info["msa"]["adapters_sha256"] = "a" * 64
+    assert not info_outdated(info, {"adapters_sha256": "a" * 64}) and info_outdated(info, {"adapters_sha256": "b" * 64})
+    assert not info_outdated(None, {"adapters_sha256": "b" * 64})  # nothing read yet: nothing to forget
