@@ -197,6 +197,22 @@ def test_msa_2d_segments_only_the_clicked_slice(client, first_result, main_image
     assert [kk for kk in range(mask.shape[2]) if mask[:, :, kk].any()] == [other]
 
 
+def test_a_click_that_names_the_spleen(server, client, first_result, main_image, study):
+    """`text` names the structure (a target prompt of the shipped adapters, listed by /info/): the named click
+    is a session of its own (a plain click's session is not reused) and gives more of the spleen on that slice
+    than the plain click (measured: Dice 0.842 named, 0.723 plain)."""
+    assert "spleen" in client.info()["msa"]["targets"]
+    k = study.interior[2]
+    reference = read_mask(study.spleen)[:, :, k]
+    plain_path, _ = client.infer("msa_2d", main_image, {"foreground": [study.interior], "label": "spleen"})
+    path, params = client.infer("msa_2d", main_image, {"foreground": [study.interior], "label": "spleen",
+                                                       "text": "Spleen"})
+    assert params["session"] == "new" and params["encoder_passes"] == 0, params
+    named, plain = read_mask(Path(path))[:, :, k], read_mask(Path(plain_path))[:, :, k]
+    scores = dice(named, reference), dice(plain, reference)
+    assert scores[0] >= 0.8 and scores[0] >= scores[1] + 0.05, scores
+
+
 # -- 7. labels and active learning ------------------------------------------------------------
 
 def test_saved_label_and_next_sample_strategies(server, client, labeled, fresh_image, study):
