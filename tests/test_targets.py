@@ -228,3 +228,9 @@ def test_eval_names_the_structures_whose_names_the_adapters_know(tmp_path: Path)
     assert plain["named"] == [] and named["named"] == ["1"]
     assert named["per_label"]["2"] == plain["per_label"]["2"]
     assert named["per_label"]["1"] != plain["per_label"]["1"]  # the name reached the decoder
+
+
+def test_params_lists_a_files_target_names(tmp_path: Path, capsys):
+    save_adapters(tiny(), tmp_path / "named.pt")
+    assert msa.cli.main(["params", "--checkpoint", str(tmp_path / "named.pt")]) == 0
+    assert "target names (--text): brain, left_hippocampus, liver" in capsys.readouterr().out

@@ -27,6 +27,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
             meta = info["metadata"]
             print(f"  adapters for {meta['backbone']}{' 3D' if meta['three_d'] else ''} "
                   f"(backbone sha256 {meta['backbone_sha256'][:12]})")
+            if meta.get("targets"):
+                print(f"  target names (--text): {', '.join(meta['targets'])}")
         if info["layout"] == "reference-msa":
             print("  --checkpoint refuses it: the reference MSA code computes differently (see the README)")
         return 0
