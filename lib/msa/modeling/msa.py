@@ -116,7 +116,7 @@ class MSA(nn.Module):
 
     def set_targets(self, names: list[str] | tuple[str, ...]) -> None:
         """Give the model target prompts for `names` (none: remove them). Tokens of names it already had are
-        kept; new names start from their own random token (see TargetPrompts)."""
+        kept; a new name starts near SAM's "not a point" token (see TargetPrompts)."""
         old = self.target_prompts
         if not names:
             self.target_prompts = None
