@@ -234,3 +234,18 @@ def test_params_lists_a_files_target_names(tmp_path: Path, capsys):
     save_adapters(tiny(), tmp_path / "named.pt")
     assert msa.cli.main(["params", "--checkpoint", str(tmp_path / "named.pt")]) == 0
     assert "target names (--text): brain, left_hippocampus, liver" in capsys.readouterr().out
+
+
+def test_a_run_that_names_nothing_keeps_the_names_it_started_with(tmp_path: Path):
+    """The server's active-learning training names no structures (its labels have no names): the adapters it
+    publishes keep the served target prompts, tokens unchanged, rather than losing them."""
+    torch.manual_seed(0)
+    engine = Engine(msa.build_model("lite_medsam_tiny", pretrained=False), store=FeatureStore(tmp_path / "features"))
+    engine.model.set_targets(["liver", "brain"])
+    tokens = engine.model.target_prompts.embeddings.detach().clone()
+    voxels, labels = synthetic_pair()
+    data = SliceData(engine, [(volume_of(voxels), labels)], None)
+    train_on(engine, data, None, tmp_path / "plain.pt", TrainConfig(steps=2, batch_size=2, eval_every=2), resume=False)
+    saved = read_checkpoint(tmp_path / "plain.pt")
+    assert saved["metadata"]["targets"] == ["brain", "liver"]
+    torch.testing.assert_close(saved["state_dict"]["target_prompts.embeddings"], tokens, rtol=0, atol=0)
