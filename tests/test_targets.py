@@ -118,7 +118,7 @@ def test_adapter_files_keep_their_target_prompts(tmp_path: Path):
     assert kept.targets == ("brain",)
 
 
-def test_engine_and_session_send_the_name(tmp_path: Path, monkeypatch):
+def test_engine_and_session_send_the_name(monkeypatch):
     """Engine.predict(target=...) sends the name with every decode (the refinement round included) and
     answers differently from the unnamed prompt; Session.set_target names every prompt of its label,
     propagated slices included; unknown names are refused."""
