@@ -33,7 +33,8 @@ COLUMNS = {  # the paper's column -> BTCV label names
     "AG": ("adrenal_gland_right", "adrenal_gland_left"),
 }
 PAPER_ONE_POINT = {"SAM (paper, 1 point)": 0.548, "MedSAM (paper, 1 point)": 0.803, "MSA (paper, 1 point)": 0.883}
-PROTOCOL_NAMES = {"click1": "1 point", "click3": "3 points", "box": "box"}
+PROTOCOL_NAMES = {"click1": "1 point", "click3": "3 points", "box": "box", "roi": "3D box, 3D Dice",
+                  "3d-click": "3D click, 3D Dice"}
 
 
 def columns(summary: dict) -> dict[str, float]:

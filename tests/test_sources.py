@@ -152,7 +152,8 @@ def test_train_two_sources_then_rerun_with_a_warm_cache(folder: Path, tmp_path: 
 
 
 def test_train_3d_slabs_from_a_2d_adapter_file(folder: Path, tmp_path: Path, capsys) -> None:
-    """A 2D adapter file starts a 3D model; its depth adapters in the last block learn on slabs."""
+    """A 2D adapter file starts a 3D model; its depth adapters in the last block learn on slabs (with
+    --depth-only, alone)."""
     common = ["--backbone", "lite_medsam_tiny", "--steps", "2", "--batch-size", "4", "--eval-every", "2",
               "--encoder-blocks", "1", "--cache-dir", str(tmp_path / "cache"), "--val", f"{folder}::cases=3"]
     assert msa.cli.main(["train", f"{folder}::cases=0-2", "--out", str(tmp_path / "2d.pt"), *common]) == 0
@@ -173,6 +174,19 @@ def test_train_3d_slabs_from_a_2d_adapter_file(folder: Path, tmp_path: Path, cap
     model = msa.build_model("lite_medsam_tiny", pretrained=False, three_d=True)
     with pytest.raises(MSAError, match="three_d=False"):
         msa.load_adapters(model, tmp_path / "2d.pt")  # outside training, a 2D file never loads into 3D
+
+    # --depth-only: the depth adapters learn and every other tensor stays the 2D file's, so 2D answers stay.
+    assert msa.cli.main(["train", f"{folder}::cases=0-2", "--out", str(tmp_path / "depth.pt"), "--three-d",
+                         "--depth-only", "--adapters", str(tmp_path / "2d.pt"), *common]) == 0
+    depth_only = msa.checkpoint.read_checkpoint(tmp_path / "depth.pt")["state_dict"]
+    start = msa.checkpoint.read_checkpoint(tmp_path / "2d.pt")["state_dict"]
+    moved = {k for k, v in depth_only.items() if k not in start or not torch.equal(v, start[k])}
+    assert moved and all(".depth_adapter." in k for k in moved), moved
+    assert any(depth_only[k].any() for k in moved if k.startswith(last) and ".depth_adapter.up." in k)
+    for bad in (["--depth-only"], ["--depth-only", "--three-d", "--encoder-blocks", "0"]):  # 2D; no trained block
+        assert msa.cli.main(["train", f"{folder}::cases=0-2", "--out", str(tmp_path / "bad.pt"),
+                             *common, *bad]) == 2, bad
+    assert not (tmp_path / "bad.pt").exists()
 
 
 def test_eval_in_another_direction_and_on_a_union(folder: Path, capsys) -> None:

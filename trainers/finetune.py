@@ -64,6 +64,7 @@ class TrainConfig:
     max_corrective_clicks: int = 2
     target_probability: float = 0.0  # samples whose prompt also names the structure (msa.modeling.targets)
     targets_only: bool = False  # train the target prompts alone: prompts without a name answer as before
+    depth_only: bool = False  # 3D: train the depth adapters alone: the 2D answers stay those of the start file
     eval_every: int = 50
     train_encoder: bool = False  # also train the encoder adapters (backpropagates through the encoder)
     encoder_blocks: int = 0  # also train the adapters of the encoder's last N blocks, on cached inputs of those
@@ -87,6 +88,9 @@ class TrainConfig:
         if self.targets_only and not (self.target_probability and not self.encoder_blocks and not self.train_encoder):
             raise MSAError("targets_only trains the target prompts on the encoder as it is: it needs "
                            "target_probability > 0 and neither encoder_blocks nor train_encoder")
+        if self.depth_only and (self.targets_only or not (self.encoder_blocks or self.train_encoder)):
+            raise MSAError("depth_only trains the depth adapters of the trained encoder blocks: it needs "
+                           "encoder_blocks (or train_encoder) and the 3D model, and not targets_only")
 
 
 @dataclass
@@ -135,6 +139,8 @@ class Trainer:
         # have zero adapters (depth adapters included), their output is the 2D pass, slice by slice; so the
         # stacked inputs of a slab's slices are exactly what the full 3D pass feeds the first trained block.
         self.slabs = config.encoder_blocks > 0 and engine.slab_depth > 1
+        if config.depth_only and not self.model.config.three_d:
+            raise MSAError("depth_only trains the depth branch: build the model 3D (msa train --three-d)")
         trained_blocks = blocks if config.train_encoder else blocks[len(blocks) - config.encoder_blocks:]
         encoder_params = {id(p) for block in trained_blocks for p in block.parameters()}
         if config.target_probability:  # a token for every structure name trained on (the parent's kept)
@@ -142,7 +148,8 @@ class Trainer:
                                                                    for name in structures)}))
         self.params = [p for name, p in self.model.named_parameters()
                        if p.requires_grad and (not name.startswith("image_encoder.") or id(p) in encoder_params)
-                       and (not config.targets_only or name.startswith("target_prompts."))]
+                       and (not config.targets_only or name.startswith("target_prompts."))
+                       and (not config.depth_only or ".depth_adapter." in name)]
         # The teacher answers on the backbone's embeddings. While the student's encoder is the backbone's
         # those are the student's own; otherwise the teacher encodes (each slice once, cached).
         student_encoder_adapted = config.train_encoder or config.encoder_blocks or not self.model.encoder_is_backbone()

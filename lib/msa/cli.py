@@ -187,7 +187,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          eval_every=args.eval_every, train_encoder=args.train_encoder,
                          encoder_blocks=args.encoder_blocks, scales=_parse_scales(args.scales),
                          val_per_structure=args.val_per_structure, target_probability=args.target_probability,
-                         targets_only=args.targets_only,
+                         targets_only=args.targets_only, depth_only=args.depth_only,
                          **{k: v for k, v in (("box_probability", args.box_probability),
                                               ("box_click_probability", args.box_click_probability)) if v is not None})
     import torch
@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--targets-only", action="store_true",
                          help="train the target prompts alone: every other tensor of --adapters stays as it is, so "
                               "prompts without a name answer exactly as before")
+    trainer.add_argument("--depth-only", action="store_true",
+                         help="with --three-d: train the depth adapters alone: every other tensor of --adapters "
+                              "stays as it is, so the 2D answers are exactly those of that file")
     trainer.add_argument("--val-per-structure", type=int, default=24,
                          help="validation slices per source and structure, spread evenly (0: all; default 24)")
     _model_options(trainer, runtime=True)  # the runtime encodes the frozen trunks
