@@ -2,10 +2,12 @@
 
     python bench/paper_table.py [--data BTCV_DATALIST] [--adapters FILE] [--three-d] [--cache-dir DIR]
                                 [--protocols click1,click3,box] [--json-out FILE]
+    python bench/paper_table.py --protocols roi,3d-click --backbone-protocols "" [--three-d --adapters FILE]
 
 Rows: MSA (the shipped or given adapters) and the LiteMedSAM backbone alone, under the protocols of
 `msa eval` (slice-wise Dice on every axial slice holding at least 10 voxels of the organ; one click at
-the organ's interior-most pixel, two corrective clicks, or the tight box), on the validation cases of
+the organ's interior-most pixel, two corrective clicks, or the tight box; roi and 3d-click: the organ's 3D
+box or one click at its interior-most voxel, propagated through the volume, 3D Dice), on the validation cases of
 the datalist (BTCV 18-23 in ../shared/data). The paper's 1-point averages are printed beside: it reports
 them for SAM ViT-B at 1024 x 1024 on its own BTCV split, so they are a reference, not the same test.
 The adrenal glands are one column, as in the paper: the slices of both, averaged together.
@@ -74,7 +76,8 @@ def main() -> None:
         results[f"{name} ({PROTOCOL_NAMES[protocol]})"] = {**columns(summary), "seconds": round(time.time() - start)}
 
     header = list(COLUMNS) + ["Avg"]
-    print(f"BTCV validation ({', '.join(c.name for c in source.cases)}), slice-wise Dice; adapters: {adapters}\n")
+    print(f"BTCV validation ({', '.join(c.name for c in source.cases)}), slice-wise Dice (3D Dice for the 3D "
+          f"protocols); adapters: {adapters}{' (3D)' if args.three_d else ''}\n")
     print("| model | " + " | ".join(header) + " |")
     print("|---" * (len(header) + 1) + "|")
     for row, values in results.items():
