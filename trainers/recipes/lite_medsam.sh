@@ -3,13 +3,13 @@
 # root with the data in ../shared/data (or DATA=...). Stage "2d" trains from the backbone; "2d-brain"
 # continues a 2d file with the whole brain drawn more often; "targets" gives the 2d file (step 500 of it)
 # target prompts, a token per structure name, trained alone on 2d-brain's samples, everything else kept
-# (that is lib/msa/weights/lite_medsam_adapters.pt); "3d" starts from the 2d file and trains the depth
-# branch too (lite_medsam_3d_adapters.pt).
+# (that is lib/msa/weights/lite_medsam_adapters.pt); "3d" starts from that file and trains the depth
+# branch alone (slabs of 8 cached slices; every other tensor kept), for lite_medsam_3d_adapters.pt.
 #
 #   trainers/recipes/lite_medsam.sh 2d 2d.pt [extra msa train options]
 #   trainers/recipes/lite_medsam.sh 2d-brain OUT.pt --adapters 2d.pt [extra msa train options]
 #   trainers/recipes/lite_medsam.sh targets OUT.pt --adapters 2d.pt [extra msa train options]
-#   trainers/recipes/lite_medsam.sh 3d OUT.pt --adapters 2d.pt [extra msa train options]
+#   trainers/recipes/lite_medsam.sh 3d OUT.pt --adapters lib/msa/weights/lite_medsam_adapters.pt [options]
 #
 # Encoder features go to $MSA_CACHE_DIR (default ~/.cache/msa/features): a rerun encodes nothing.
 set -euo pipefail
@@ -42,7 +42,7 @@ case $stage in
   2d-brain) WHOLE_BRAIN_WEIGHT=1 ASEG_WEIGHT=0.25 exec "$0" 2d "$out" --steps 300 --lr 2e-4 "$@" ;;
   targets) exec "$0" 2d-brain "$out" --target-probability 1 --targets-only --encoder-blocks 0 --lr 3e-4 "$@" ;;
   2d) exec "$MSA" train "${sources[@]}" --steps 600 --batch-size 8 --lr 3e-4 --eval-every 100 "$@" ;;
-  3d) exec "$MSA" train "${sources[@]}" --three-d --steps 200 --batch-size 16 --lr 3e-4 \
-        --eval-every 100 "$@" ;;
+  3d) exec "$MSA" train "${sources[@]}" --three-d --depth-only --steps 200 --batch-size 16 --lr 1e-3 \
+        --eval-every 50 "$@" ;;
   *) echo "usage: $0 2d|2d-brain|targets|3d OUT.pt [msa train options]" >&2; exit 2 ;;
 esac
