@@ -20,9 +20,9 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from MSAExtensionLib import (DEFAULT_URL, EditorLogicTarget, ImageLost, MSAClient, MSAClientError, Prompts, Segmenter,
-                             connection_summary, fetch_sample, make_editor_logic, mark_server_image, prepare_label,
-                             prompt_nodes, reset_prompts, send_label, shortcuts_html, target_name, train_progress,
-                             info_outdated)
+                             connection_summary, fetch_sample, info_outdated, make_editor_logic, mark_server_image,
+                             prepare_label, prompt_nodes, reset_prompts, send_label, shortcuts_html, target_name,
+                             train_progress)
 
 URL_SETTING = "MSAExtension/ServerURL"
 EFFECT_NAME = "MSA"

@@ -90,7 +90,7 @@ class TrainConfig:
                            "target_probability > 0 and neither encoder_blocks nor train_encoder")
         if self.depth_only and (self.targets_only or not (self.encoder_blocks or self.train_encoder)):
             raise MSAError("depth_only trains the depth adapters of the trained encoder blocks: it needs "
-                           "encoder_blocks (or train_encoder) and the 3D model, and not targets_only")
+                           "encoder_blocks (or train_encoder), and not targets_only")
 
 
 @dataclass
