@@ -26,6 +26,18 @@ from .io import Volume
 
 Box = tuple[float, float, float, float]  # (i0, j0, i1, j1) on one slice, inclusive voxel indices
 
+# Voxels added around the neighbour's mask box, the margin each model walks best with (BTCV validation, 3D Dice,
+# `python bench/paper_table.py --protocols roi,3d-click --backbone-protocols "" --margin N`; README). Trained
+# adapters follow a box closely, so a looser box lets their mask leak further on every slice: margin 1 / 2 / 3 / 6
+# gave 3D click 0.585 / 0.544 / 0.434 / 0.228, ROI 0.706 / 0.705 / 0.699 / 0.684. The backbone alone needs room:
+# ROI 0.640 / 0.685 / 0.710 / 0.723, and 3 kept the sample CT's spleen (3 mm voxels) at 0.964 where 1 gave 0.525.
+ADAPTERS_MARGIN, BACKBONE_MARGIN = 1, 3
+
+
+def propagation_margin(model) -> int:
+    """The default margin for a model: BACKBONE_MARGIN while its adapters add nothing, else ADAPTERS_MARGIN."""
+    return BACKBONE_MARGIN if model.adapters_add_nothing() else ADAPTERS_MARGIN
+
 
 @dataclass
 class SeedPrompt:
@@ -61,11 +73,11 @@ def slice_dice(a: np.ndarray, b: np.ndarray) -> float:
 class Session:
     """Prompts and results for one image; the engine behind it caches the image's embeddings."""
 
-    def __init__(self, engine: Engine, volume: Volume, margin: int = 3, min_pixels: int = 4,
+    def __init__(self, engine: Engine, volume: Volume, margin: int | None = None, min_pixels: int = 4,
                  stop_iou: float = 0.5, unchanged_dice: float = 0.98) -> None:
         self.engine = engine
         self.volume = volume
-        self.margin = margin  # voxels added around the neighbour's mask box
+        self.margin = propagation_margin(engine.model) if margin is None else margin  # around the neighbour's box
         self.min_pixels = min_pixels  # a smaller mask means the structure has ended
         self.stop_iou = stop_iou  # below this predicted IoU, likewise
         self.unchanged_dice = unchanged_dice  # a re-propagated slice this close to before: stop

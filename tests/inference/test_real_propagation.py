@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from msa.evaluate import interior_point
 from msa.io import load_image, resample_labels_to, save_labels
 from msa.metrics import dice
-from msa.session import Session
+from msa.session import Session, mask_box
 
 from inference_helpers import LIVER, SPLEEN, roi_of
 
@@ -27,6 +27,15 @@ def test_spleen_roi_propagated_3d_dice(real_engine, ct_volume, ct_reference, spl
     pred = session.mask(SPLEEN)
     assert dice(pred, ref) >= 0.85  # measured 0.964
     assert pred.any(axis=(1, 2)).all()  # the spleen is on all 30 slices, and so is the mask
+    # Each slice away from the seed was prompted with its neighbour's mask box widened by the margin, within the ROI.
+    track = session.tracks[SPLEEN]
+    assert session.margin == 3  # the backbone's (msa.session.propagation_margin)
+    (seed,) = track.seeds
+    for k, box in track.boxes.items():
+        if k != seed:
+            i0, j0, i1, j1 = mask_box(track.masks[k - 1 if k > seed else k + 1])
+            assert box == (max(i0 - 3, spleen_roi[0]), max(j0 - 3, spleen_roi[2]),
+                           min(i1 + 3, spleen_roi[1]), min(j1 + 3, spleen_roi[3])), f"slice {k}"
     labels = session.label_map()
     assert set(np.unique(labels).tolist()) == {0, SPLEEN}
     np.testing.assert_array_equal(labels == SPLEEN, pred)

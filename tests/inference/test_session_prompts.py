@@ -9,7 +9,8 @@ import pytest
 
 import msa
 from msa.engine import Engine
-from msa.session import Session
+from msa.modeling.build import default_adapters
+from msa.session import ADAPTERS_MARGIN, BACKBONE_MARGIN, Session, propagation_margin
 
 # tiny_volume: 6 slices of 24 rows x 32 columns -> shape_ijk (32, 24, 6)
 
@@ -192,3 +193,12 @@ def test_reset_and_unknown_labels(session):
     assert set(np.unique(session.label_map()).tolist()) == {0, 4}
     session.reset()
     assert session.tracks == {} and not session.label_map().any()
+
+
+def test_propagation_margin_follows_the_model():
+    """Trained adapters walk with a tight margin, the backbone alone with room (measured: msa.session)."""
+    backbone = msa.build_model("lite_medsam")
+    shipped = msa.build_model("lite_medsam", adapters=default_adapters("lite_medsam"))
+    assert backbone.adapters_add_nothing() and not shipped.adapters_add_nothing()
+    assert propagation_margin(backbone) == BACKBONE_MARGIN == 3
+    assert propagation_margin(shipped) == ADAPTERS_MARGIN == 1

@@ -199,6 +199,10 @@ class MSA(nn.Module):
         """Images in [0, 255] -> the encoder's input (the backbone's pixel mean and std)."""
         return (images - self.pixel_mean) / self.pixel_std
 
+    def adapters_add_nothing(self) -> bool:
+        """True while every adapter's up-projection is zero (fresh adapters, no adapter file): the backbone's answers."""
+        return all(not t.any() for name, t in self.trainable_state_dict().items() if "_adapter.up." in name)
+
     def encoder_is_backbone(self) -> bool:
         """True while every encoder adapter adds nothing: the embeddings are the backbone's."""
         return self.first_adapted_block() == len(self.image_encoder.adapted_blocks())
