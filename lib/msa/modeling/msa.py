@@ -201,7 +201,7 @@ class MSA(nn.Module):
 
     def adapters_add_nothing(self) -> bool:
         """True while every adapter's up-projection is zero (fresh adapters, no adapter file): the backbone's answers."""
-        return all(not t.any() for name, t in self.trainable_state_dict().items() if "_adapter.up." in name)
+        return all(not p.any() for name, p in self.named_parameters() if "_adapter.up." in name)
 
     def encoder_is_backbone(self) -> bool:
         """True while every encoder adapter adds nothing: the embeddings are the backbone's."""
