@@ -27,7 +27,7 @@ from msa.engine import Engine
 from msa.errors import MSAError
 from msa.io import Volume
 from msa.store import FeatureStore
-from msa.trainers.finetune import Prompt, TrainConfig, Trainer, train_on
+from msa.trainers.finetune import SLAB_BOX_JITTER, Prompt, TrainConfig, Trainer, train_on
 from msa.trainers.pretrain import Pretrainer, PretrainConfig, pretrain
 from msa.trainers.prompts import corrective_click, jittered_box, random_clicks
 from msa.trainers.slices import SliceData, split_validation, zoom_in_plane
@@ -340,6 +340,39 @@ def test_prompt_mix_gives_boxes_clicks_and_both(tmp_path: Path) -> None:
     assert Prompt(clicks=[(1.0, 2.0, 1)], box=(0, 0, 5, 5)).kind == "both"
 
 
+def test_slab_boxes_cover_the_structure_on_the_nearby_slices(tmp_path: Path) -> None:
+    """A structure that moves 3 voxels a slice: a slab box (slab_box_probability) spans its boxes on the slices
+    within the drawn reach, up to all of them (an ROI's cross-section); without slab boxes, and in the samples'
+    random draws, nothing changes."""
+    voxels, _ = synthetic_pair(depth=8)
+    labels = np.zeros(voxels.shape, np.uint8)
+    for k in range(8):
+        labels[k, 10:20, 3 * k + 2:3 * k + 12] = 1  # columns 3k+2 .. 3k+11
+    engine = tiny_engine()
+    data = SliceData(engine, [(volume_of(voxels), labels)], None)
+    middle = next(s for s in data.samples if s.k == 4)
+    for reach, columns in ((1, (11, 26)), (2, (8, 29)), (None, (2, 32))):
+        cols = np.nonzero(data.around(middle, reach).any(axis=0))[0]
+        assert (cols.min(), cols.max()) == columns, reach
+
+    def boxes(slab_box_probability: float, seed: int = 0) -> list[tuple]:
+        config = TrainConfig(batch_size=8, box_probability=1.0, box_click_probability=0.0,
+                             slab_box_probability=slab_box_probability)
+        trainer = Trainer(engine, data, data.samples, data, config, tmp_path / "p.pt")
+        return [p.box for p in trainer._prompts(np.random.default_rng(seed), [middle] * 64, None)]
+
+    own = boxes(0.0)  # columns 14..23 on slice 4: each side moves by up to 10% of the side (10 columns)
+    assert all(abs(b[0] - 14) <= 1 and abs(b[2] - 23) <= 1 for b in own), own
+    slab = boxes(1.0)
+    # the span of each reach's box: 1 -> columns 11..26, 2 -> 8..29, 4 and all -> 2..32 (8 slices)
+    expected = (15, 21, 30)
+    nearest = [min(expected, key=lambda e: abs((b[2] - b[0]) - e)) for b in slab]
+    assert all(abs((b[2] - b[0]) - e) <= 2 * SLAB_BOX_JITTER * (e + 1) for b, e in zip(slab, nearest)), slab
+    assert set(nearest) == set(expected), nearest  # every reach is drawn
+    # rows 10..19 on every slice: a slab box's rows are the slice's own
+    assert all(abs(b[1] - 10) <= SLAB_BOX_JITTER * 10 and abs(b[3] - 19) <= SLAB_BOX_JITTER * 10 for b in slab), slab
+
+
 def test_box_samples_learn_the_teacher_not_the_labels(tmp_path: Path) -> None:
     """Box-only training with a teacher keeps the box answer near the teacher's; with labels it moves away."""
     voxels, labels = synthetic_pair()
@@ -366,7 +399,8 @@ def test_box_samples_learn_the_teacher_not_the_labels(tmp_path: Path) -> None:
 def test_train_cli_rejects_bad_scales_and_prompt_mixes(tmp_path: Path) -> None:
     data = write_pair(tmp_path)
     for bad in (["--scales", "1,zero"], ["--scales", "0"], ["--scales", "-1.5"],
-                ["--box-probability", "0.7", "--box-click-probability", "0.5"], ["--box-probability", "-0.1"]):
+                ["--box-probability", "0.7", "--box-click-probability", "0.5"], ["--box-probability", "-0.1"],
+                ["--slab-box-probability", "1.5"]):
         assert msa.cli.main(["train", data, "--out", str(tmp_path / "a.pt"), "--backbone", "vit_tiny", *bad]) == 2
     assert not (tmp_path / "a.pt").exists()
 

@@ -61,6 +61,9 @@ class TrainConfig:
     seed: int = 0
     box_probability: float = 0.25  # box only
     box_click_probability: float = 0.4  # box and clicks; the rest of the samples get clicks only
+    # Of the box-only samples, the share boxed around the structure on the nearby slices too (SLAB_BOX_REACHES):
+    # the looser boxes a 3D walk (the neighbour's mask box) and an ROI (its cross-section) prompt with.
+    slab_box_probability: float = 0.0
     max_corrective_clicks: int = 2
     target_probability: float = 0.0  # samples whose prompt also names the structure (msa.modeling.targets)
     targets_only: bool = False  # train the target prompts alone: prompts without a name answer as before
@@ -76,6 +79,8 @@ class TrainConfig:
         if not (0 <= self.box_probability and 0 <= self.box_click_probability
                 and self.box_probability + self.box_click_probability <= 1):
             raise MSAError("box and box+click probabilities must be >= 0 and sum to at most 1")
+        if not 0 <= self.slab_box_probability <= 1:
+            raise MSAError(f"slab_box_probability must lie in [0, 1], got {self.slab_box_probability}")
         if not self.scales or not all(0 < s <= 4 for s in self.scales):
             raise MSAError(f"scales must lie in (0, 4], got {self.scales}")
         if self.encoder_blocks < 0 or (self.encoder_blocks and self.train_encoder):
@@ -231,7 +236,12 @@ class Trainer:
             # (drawn only when used: runs without target prompts replay the samples they always drew)
             name = s.label if config.target_probability and rng.random() < config.target_probability else None
             if draw < config.box_probability:
-                prompts.append(Prompt(box=jittered_box(target, rng), target=name))
+                if config.slab_box_probability and rng.random() < config.slab_box_probability:
+                    reach = SLAB_BOX_REACHES[int(rng.integers(len(SLAB_BOX_REACHES)))]
+                    box = jittered_box(self.train.around(s, reach), rng, SLAB_BOX_JITTER)
+                else:
+                    box = jittered_box(target, rng)
+                prompts.append(Prompt(box=box, target=name))
                 rounds.append(0)
                 continue
             # A box drawn with the clicks stands for the box of the engine's first, click-only mask.
@@ -417,6 +427,10 @@ class Trainer:
 
 
 TARGET_LR_SCALE = 30
+# Slab boxes: the structure on the slices within 1, 2 or 4 of the sample's (None: on all of them, an ROI's
+# cross-section), each side moved by up to 5% of its length.
+SLAB_BOX_REACHES = (1, 2, 4, None)
+SLAB_BOX_JITTER = 0.05
 
 
 def trainable_sha256(model: MSA) -> str:

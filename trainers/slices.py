@@ -148,6 +148,13 @@ class SliceData:
     def target(self, s: Sample) -> np.ndarray:
         return np.isin(self.references[s.case][s.k], self.structures[s.case][s.label])
 
+    def around(self, s: Sample, reach: int | None) -> np.ndarray:
+        """The structure on the slices within `reach` of the sample's (None: all of them), projected onto one
+        slice: what a 3D walk's box (the neighbour's mask) or an ROI's cross-section covers."""
+        reference = self.references[s.case]
+        lo, hi = (0, len(reference)) if reach is None else (max(s.k - reach, 0), s.k + reach + 1)
+        return np.isin(reference[lo:hi], self.structures[s.case][s.label]).any(axis=0)
+
     def geometry(self, s: Sample) -> SliceGeometry:
         return self.engine.geometry(self.volumes[s.case])
 

@@ -188,6 +188,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          encoder_blocks=args.encoder_blocks, scales=_parse_scales(args.scales),
                          val_per_structure=args.val_per_structure, target_probability=args.target_probability,
                          targets_only=args.targets_only, depth_only=args.depth_only,
+                         slab_box_probability=args.slab_box_probability,
                          **{k: v for k, v in (("box_probability", args.box_probability),
                                               ("box_click_probability", args.box_click_probability)) if v is not None})
     import torch
@@ -311,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="share of samples prompted with a box only (default 0.25)")
     trainer.add_argument("--box-click-probability", type=float,
                          help="share prompted with clicks and a box, the rest with clicks only (default 0.4)")
+    trainer.add_argument("--slab-box-probability", type=float, default=0.0, metavar="P",
+                         help="of the box-only samples, the share boxed around the structure on the nearby slices "
+                              "too (1, 2, 4 or all): the looser boxes of 3D propagation and ROIs (default 0)")
     trainer.add_argument("--box-teacher", action=argparse.BooleanOptionalAction, default=True,
                          help="box-only samples learn the backbone's answer, not the labels (default: on)")
     trainer.add_argument("--train-encoder", action="store_true",
