@@ -10,7 +10,8 @@ import pytest
 import msa
 from msa.engine import Engine
 from msa.modeling.build import default_adapters
-from msa.session import ADAPTERS_MARGIN, BACKBONE_MARGIN, Session, propagation_margin
+from msa.session import (ADAPTERS_MARGIN, ADAPTERS_STOP_IOU, BACKBONE_MARGIN, BACKBONE_STOP_IOU, Session,
+                         propagation_defaults)
 
 # tiny_volume: 6 slices of 24 rows x 32 columns -> shape_ijk (32, 24, 6)
 
@@ -195,10 +196,15 @@ def test_reset_and_unknown_labels(session):
     assert session.tracks == {} and not session.label_map().any()
 
 
-def test_propagation_margin_follows_the_model():
-    """Trained adapters walk with a tight margin, the backbone alone with room (measured: msa.session)."""
+def test_propagation_defaults_follow_the_model(tiny_volume):
+    """Trained adapters walk with a tight margin and stop at a higher predicted IoU; the backbone alone walks
+    with room (measured: msa.session). A session takes them unless told otherwise."""
     backbone = msa.build_model("lite_medsam")
     shipped = msa.build_model("lite_medsam", adapters=default_adapters("lite_medsam"))
     assert backbone.adapters_add_nothing() and not shipped.adapters_add_nothing()
-    assert propagation_margin(backbone) == BACKBONE_MARGIN == 3
-    assert propagation_margin(shipped) == ADAPTERS_MARGIN == 1
+    assert propagation_defaults(backbone) == (BACKBONE_MARGIN, BACKBONE_STOP_IOU) == (3, 0.5)
+    assert propagation_defaults(shipped) == (ADAPTERS_MARGIN, ADAPTERS_STOP_IOU) == (1, 0.6)
+    session = Session(Engine(shipped), tiny_volume)
+    assert (session.margin, session.stop_iou) == (1, 0.6)
+    told = Session(Engine(shipped), tiny_volume, margin=2, stop_iou=0.3)
+    assert (told.margin, told.stop_iou) == (2, 0.3)
