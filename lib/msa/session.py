@@ -33,7 +33,7 @@ Box = tuple[float, float, float, float]  # (i0, j0, i1, j1) on one slice, inclus
 # ROI 0.640 / 0.685 / 0.710 / 0.723, and 3 kept the sample CT's spleen (3 mm voxels) at 0.964 where 1 gave 0.525.
 ADAPTERS_MARGIN, BACKBONE_MARGIN = 1, 3
 # Without an ROI a walk ends where the predicted IoU drops below this. The adapters' walks ran on past their
-# structures (by 2-34 slices per end on average) into the next one: 0.3 / 0.5 / 0.6 / 0.7 gave 3D click
+# structures (on average by up to 34 slices at an end) into the next one: 0.3 / 0.5 / 0.6 / 0.7 gave 3D click
 # 0.482 / 0.585 / 0.620 / 0.626 on BTCV validation (0.7 cut the liver, 0.764 -> 0.680). The backbone's is as it was.
 ADAPTERS_STOP_IOU, BACKBONE_STOP_IOU = 0.6, 0.5
 
