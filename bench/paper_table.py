@@ -2,7 +2,8 @@
 
     python bench/paper_table.py [--data BTCV_DATALIST] [--adapters FILE] [--three-d] [--cache-dir DIR]
                                 [--protocols click1,click3,box] [--json-out FILE]
-    python bench/paper_table.py --protocols roi,3d-click --backbone-protocols "" [--three-d --adapters FILE] [--margin N]
+    python bench/paper_table.py --protocols roi,3d-click --backbone-protocols "" [--three-d --adapters FILE]
+                                [--margin N] [--stop-iou X]
 
 Rows: MSA (the shipped or given adapters) and the LiteMedSAM backbone alone, under the protocols of
 `msa eval` (slice-wise Dice on every axial slice holding at least 10 voxels of the organ; one click at
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--backbone-protocols", default="click1,box", help="the backbone alone under these")
     parser.add_argument("--margin", type=int,
                         help="the 3D protocols' propagation margin in voxels (default: each model's, as msa.session)")
+    parser.add_argument("--stop-iou", type=float,
+                        help="the 3D click's walk stops below this predicted IoU (default: each model's, as msa.session)")
     parser.add_argument("--cache-dir", default=os.environ.get("MSA_CACHE_DIR"))
     parser.add_argument("--json-out")
     args = parser.parse_args()
@@ -74,12 +77,14 @@ def main() -> None:
     results = {}
     for name, engine, protocol in runs:
         start = time.time()
-        summary = evaluate(engine, source, protocol, margin=args.margin)
+        summary = evaluate(engine, source, protocol, margin=args.margin, stop_iou=args.stop_iou)
         results[f"{name} ({PROTOCOL_NAMES[protocol]})"] = {**columns(summary), "seconds": round(time.time() - start)}
 
     header = list(COLUMNS) + ["Avg"]
+    walk = ", ".join(f"{name} {'per model' if value is None else value}"
+                     for name, value in (("margin", args.margin), ("stop IoU", args.stop_iou)))
     print(f"BTCV validation ({', '.join(c.name for c in source.cases)}), slice-wise Dice (3D Dice for the 3D "
-          f"protocols, propagation margin {'per model' if args.margin is None else args.margin}); adapters: {adapters}{' (3D)' if args.three_d else ''}\n")
+          f"protocols, propagation {walk}); adapters: {adapters}{' (3D)' if args.three_d else ''}\n")
     print("| model | " + " | ".join(header) + " |")
     print("|---" * (len(header) + 1) + "|")
     for row, values in results.items():
