@@ -28,9 +28,10 @@ Box = tuple[float, float, float, float]  # (i0, j0, i1, j1) on one slice, inclus
 
 # Voxels added around the neighbour's mask box, the margin each model walks best with (BTCV validation, 3D Dice,
 # `python bench/paper_table.py --protocols roi,3d-click --backbone-protocols "" --margin N --stop-iou 0.5`;
-# README). Trained adapters follow a box closely, so a looser box lets their mask leak further on every slice: margin 1 / 2 / 3 / 6
-# gave 3D click 0.585 / 0.544 / 0.434 / 0.228, ROI 0.706 / 0.705 / 0.699 / 0.684. The backbone alone needs room:
-# ROI 0.640 / 0.685 / 0.710 / 0.723, and 3 kept the sample CT's spleen (3 mm voxels) at 0.964 where 1 gave 0.525.
+# README). Trained adapters follow a box closely, so a looser box lets their mask leak further on every slice:
+# margin 1 / 2 / 3 / 6 gave 3D click 0.585 / 0.544 / 0.434 / 0.228, ROI 0.706 / 0.705 / 0.699 / 0.684. The backbone
+# alone needs room: ROI 0.640 / 0.685 / 0.710 / 0.723, and 3 kept the sample CT's spleen (3 mm voxels) at 0.964
+# where 1 gave 0.525.
 ADAPTERS_MARGIN, BACKBONE_MARGIN = 1, 3
 # Without an ROI a walk ends where the predicted IoU drops below this. The adapters' walks ran on past their
 # structures (on average by up to 34 slices at an end) into the next one: 0.3 / 0.5 / 0.6 / 0.7 gave 3D click
