@@ -63,6 +63,10 @@ def main() -> None:
                         help="the 3D protocols' propagation margin in voxels (default: each model's, as msa.session)")
     parser.add_argument("--stop-iou", type=float,
                         help="the 3D click's walk stops below this predicted IoU (default: each model's, as msa.session)")
+    parser.add_argument("--stop-area", type=float, help="... or where its mask is smaller than this fraction of the "
+                        "walk's largest (default: each model's, as msa.session)")
+    parser.add_argument("--stop-overlap", type=float, help="... or where its mask overlaps its neighbour's less than "
+                        "this Dice (default: each model's, as msa.session)")
     parser.add_argument("--cache-dir", default=os.environ.get("MSA_CACHE_DIR"))
     parser.add_argument("--json-out")
     args = parser.parse_args()
@@ -74,17 +78,19 @@ def main() -> None:
     backbone = Engine(build_model("lite_medsam"), cache=msa_engine.cache, store=store, progress=True)
     runs = [("MSA", msa_engine, p) for p in args.protocols.split(",") if p] + \
            [("LiteMedSAM", backbone, p) for p in args.backbone_protocols.split(",") if p]
+    given = {"margin": args.margin, "stop_iou": args.stop_iou, "stop_area": args.stop_area,
+             "stop_overlap": args.stop_overlap}
+    walk = {key: value for key, value in given.items() if value is not None}
     results = {}
     for name, engine, protocol in runs:
         start = time.time()
-        summary = evaluate(engine, source, protocol, margin=args.margin, stop_iou=args.stop_iou)
+        summary = evaluate(engine, source, protocol, walk=walk)
         results[f"{name} ({PROTOCOL_NAMES[protocol]})"] = {**columns(summary), "seconds": round(time.time() - start)}
 
     header = list(COLUMNS) + ["Avg"]
-    walk = ", ".join(f"{name} {'per model' if value is None else value}"
-                     for name, value in (("margin", args.margin), ("stop IoU", args.stop_iou)))
+    settings = ", ".join(f"{key.replace('_', ' ').replace('iou', 'IoU')} {walk.get(key, 'per model')}" for key in given)
     print(f"BTCV validation ({', '.join(c.name for c in source.cases)}), slice-wise Dice (3D Dice for the 3D "
-          f"protocols, propagation {walk}); adapters: {adapters}{' (3D)' if args.three_d else ''}\n")
+          f"protocols, propagation {settings}); adapters: {adapters}{' (3D)' if args.three_d else ''}\n")
     print("| model | " + " | ".join(header) + " |")
     print("|---" * (len(header) + 1) + "|")
     for row, values in results.items():

@@ -304,18 +304,20 @@ def test_eval_click_protocols_share_one_click_sequence_with_noc(tmp_path: Path) 
         assert 1 <= row["noc85"] <= row["noc90"] <= 20
 
 
-def test_eval_3d_click_takes_the_walks_margin_and_stop_iou(tmp_path: Path) -> None:
-    """evaluate(margin=, stop_iou=) reach the session: this untrained model's predicted IoU is low, so its walk stops
-    at the model's default threshold and runs on with none; the margin then changes the propagated masks."""
+def test_eval_3d_click_takes_the_walk_settings(tmp_path: Path) -> None:
+    """evaluate(walk=...) reaches the session: this untrained model's predicted IoU is low, so its walk stops
+    at the model's default threshold and runs on with none; the margin then changes the propagated masks, and a
+    stop_area of 1 (stop at the first slice smaller than any before it) shortens the walk again."""
     from msa.data import load_cases
     from msa.evaluate import evaluate
 
     cases = load_cases(write_pair(tmp_path))
     engine = tiny_engine()
     stopped = evaluate(engine, cases, "3d-click")["mean_dice"]
-    walked = evaluate(engine, cases, "3d-click", stop_iou=-1.0)["mean_dice"]
+    walked = evaluate(engine, cases, "3d-click", walk={"stop_iou": -1.0})["mean_dice"]
     assert walked > stopped, (walked, stopped)
-    assert evaluate(engine, cases, "3d-click", stop_iou=-1.0, margin=0)["mean_dice"] != walked  # default margin: 3
+    assert evaluate(engine, cases, "3d-click", walk={"stop_iou": -1.0, "margin": 0})["mean_dice"] != walked  # default: 3
+    assert evaluate(engine, cases, "3d-click", walk={"stop_iou": -1.0, "stop_area": 1.0})["mean_dice"] != walked
 
 
 def test_zoom_in_plane_pads_or_crops_image_and_labels_together() -> None:

@@ -77,15 +77,14 @@ def evaluate(
     overlays_per_case: int = 4,
     refine_clicks: bool = True,
     named: bool = False,
-    margin: int | None = None,
-    stop_iou: float | None = None,
+    walk: dict | None = None,
 ) -> dict:
     """Score `protocol` on every case and structure of `source` (or of plain cases, with `labels`);
     returns the JSON-ready summary. refine_clicks: as Engine.predict's, for the slice click protocols.
     named: every prompt of a structure whose name the adapters learnt (engine.model.targets) also names it,
     as a target prompt; other structures get plain prompts (what the Slicer extension sends).
-    margin, stop_iou: the 3D protocols' propagation margin in voxels and the predicted IoU below which a walk
-    without an ROI stops (default: the model's, msa.session.propagation_defaults)."""
+    walk: the 3D protocols' propagation settings, as Session's keywords (margin, stop_iou, stop_area, stop_overlap); those not
+    given are the model's (msa.session.propagation_defaults)."""
     if protocol not in PROTOCOLS:
         raise MSAError(f"unknown prompt protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if named and not engine.model.targets:
@@ -103,7 +102,7 @@ def evaluate(
             view, view_map = reslice(volume, ref_map, axis)
             _evaluate_volume(engine, view, view_map, structures, protocol, source.stride, noc, per_label,
                              case.name + ("" if axis == "k" else f"_{axis}"), report_dir, overlays, overlays_per_case,
-                             refine_clicks, named, margin, stop_iou)
+                             refine_clicks, named, walk or {})
     summary = _summarise(protocol, per_label, len(source.cases))
     summary["named"] = sorted(label for label in per_label if named and canonical_name(label) in engine.model.targets)
     summary["encoded_slices"] = engine.encoded_slices
@@ -116,7 +115,7 @@ def evaluate(
 def _evaluate_volume(engine: Engine, volume, ref_map: np.ndarray, structures: Structures, protocol: str,
                      stride: int, noc: bool, per_label: dict[str, list[dict]], name: str,
                      report_dir: Path | None, overlays: list[str], overlays_per_case: int, refine_clicks: bool,
-                     named: bool, margin: int | None, stop_iou: float | None) -> None:
+                     named: bool, walk: dict) -> None:
     """Score every structure of one volume (as sliced for this protocol) into per_label."""
     spacing_kji = tuple(reversed(volume.geometry.GetSpacing()))
     scored = np.nonzero((ref_map > 0).any(axis=(1, 2)))[0][::stride]  # the slices 2D protocols may score
@@ -130,7 +129,7 @@ def _evaluate_volume(engine: Engine, volume, ref_map: np.ndarray, structures: St
             continue
         target = label if named and canonical_name(label) in engine.model.targets else None
         if protocol in ("roi", "3d-click"):
-            session = Session(engine, volume, margin=margin, stop_iou=stop_iou)
+            session = Session(engine, volume, **walk)
             session.set_target(target)
             if protocol == "roi":
                 kk, jj, ii = np.nonzero(ref)

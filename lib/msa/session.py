@@ -9,7 +9,8 @@ walking away from the seeds in both directions:
 - between two seeds the walk comes from both ends and never stops (if a neighbour's mask is
   empty, the box is interpolated between the two seeds' boxes), so the gap is never left empty;
 - beyond the outermost seeds it stops where the structure ends (an empty mask; without an ROI,
-  also a low-confidence one) or at the ROI's first/last slice;
+  also a low-confidence one, one shrunk to a sliver of the walk's largest, or one that has moved off
+  its neighbour's: see Walk) or at the ROI's first/last slice;
 - a correction on one slice walks outward from it only while the masks it produces differ from
   the ones already there.
 """
@@ -17,6 +18,7 @@ walking away from the seeds in both directions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,24 +28,34 @@ from .io import Volume
 
 Box = tuple[float, float, float, float]  # (i0, j0, i1, j1) on one slice, inclusive voxel indices
 
-# Voxels added around the neighbour's mask box, the margin each model walks best with (BTCV validation, 3D Dice,
-# `python bench/paper_table.py --protocols roi,3d-click --backbone-protocols "" --margin N --stop-iou 0.5`;
-# README). Trained adapters follow a box closely, so a looser box lets their mask leak further on every slice:
-# margin 1 / 2 / 3 / 6 gave 3D click 0.585 / 0.544 / 0.434 / 0.228, ROI 0.706 / 0.705 / 0.699 / 0.684. The backbone
-# alone needs room: ROI 0.640 / 0.685 / 0.710 / 0.723, and 3 kept the sample CT's spleen (3 mm voxels) at 0.964
-# where 1 gave 0.525.
-ADAPTERS_MARGIN, BACKBONE_MARGIN = 1, 3
-# Without an ROI a walk ends where the predicted IoU drops below this. The adapters' walks ran on past their
-# structures (on average by up to 34 slices at an end) into the next one: 0.3 / 0.5 / 0.6 / 0.7 gave 3D click
-# 0.482 / 0.585 / 0.620 / 0.626 on BTCV validation (0.7 cut the liver, 0.764 -> 0.680). The backbone's is as it was.
-ADAPTERS_STOP_IOU, BACKBONE_STOP_IOU = 0.6, 0.5
+class Walk(NamedTuple):
+    """How a walk away from the seeds goes: the margin in voxels added around the neighbour's mask box for the
+    next slice's box, and where a walk without an ROI ends (inside an ROI it ends at the ROI's slices only)."""
+
+    margin: int
+    stop_iou: float  # the predicted IoU falls below this
+    stop_area: float  # the mask is smaller than this fraction of the largest mask on the walk so far
+    stop_overlap: float  # the mask overlaps its neighbour's (Dice) less than this
 
 
-def propagation_defaults(model) -> tuple[int, float]:
-    """(margin, stop IoU) for a model: the backbone's while its adapters add nothing, else the adapters'."""
-    if model.adapters_add_nothing():
-        return BACKBONE_MARGIN, BACKBONE_STOP_IOU
-    return ADAPTERS_MARGIN, ADAPTERS_STOP_IOU
+# The walk each model goes best with, measured on BTCV validation with 3D Dice (README, "The propagation margin"
+# and "Where a 3D click's walk stops"; `python bench/paper_table.py --protocols roi,3d-click`):
+# - margin: trained adapters follow a box closely, so a looser box lets their mask leak further on every slice:
+#   margin 1 / 2 / 3 / 6 gave 3D click 0.585 / 0.544 / 0.434 / 0.228, ROI 0.706 / 0.705 / 0.699 / 0.684. The
+#   backbone alone needs room: ROI 0.640 / 0.685 / 0.710 / 0.723, and 3 kept the sample CT's spleen (3 mm voxels)
+#   at 0.964 where 1 gave 0.525.
+# - stops: the adapters' walks ran on past their structures (by up to 34 slices at an end on average) into the
+#   next one. Stop IoU 0.3 / 0.5 / 0.6 / 0.7 gave 3D click 0.482 / 0.585 / 0.620 / 0.626 (0.7 cut the liver
+#   short); a mask shrunk to a sliver of the walk's largest, or one that has moved off its neighbour, is the
+#   next structure's edge, not this one's: with both stops, 0.654 (CHAOS MR validation 0.696 -> 0.783).
+#   The backbone's stops were not measured again: as they were, IoU only.
+ADAPTERS_WALK = Walk(margin=1, stop_iou=0.6, stop_area=0.3, stop_overlap=0.5)
+BACKBONE_WALK = Walk(margin=3, stop_iou=0.5, stop_area=0.0, stop_overlap=0.0)
+
+
+def propagation_defaults(model) -> Walk:
+    """The walk a model goes best with: the backbone's while its adapters add nothing, else the adapters'."""
+    return BACKBONE_WALK if model.adapters_add_nothing() else ADAPTERS_WALK
 
 
 @dataclass
@@ -81,13 +93,13 @@ class Session:
     """Prompts and results for one image; the engine behind it caches the image's embeddings."""
 
     def __init__(self, engine: Engine, volume: Volume, margin: int | None = None, min_pixels: int = 4,
-                 stop_iou: float | None = None, unchanged_dice: float = 0.98) -> None:
+                 stop_iou: float | None = None, stop_area: float | None = None, stop_overlap: float | None = None,
+                 unchanged_dice: float = 0.98) -> None:
         self.engine = engine
         self.volume = volume
-        default_margin, default_stop_iou = propagation_defaults(engine.model)
-        self.margin = default_margin if margin is None else margin  # around the neighbour's box
+        given = Walk(margin, stop_iou, stop_area, stop_overlap)  # see Walk; None: the model's default
+        self.walk = Walk(*(d if g is None else g for g, d in zip(given, propagation_defaults(engine.model))))
         self.min_pixels = min_pixels  # a smaller mask means the structure has ended
-        self.stop_iou = default_stop_iou if stop_iou is None else stop_iou  # below this predicted IoU, likewise
         self.unchanged_dice = unchanged_dice  # a re-propagated slice this close to before: stop
         self.tracks: dict[int, Track] = {}
         self.decoded = 0  # engine.predict calls so far: what a prompt cost in decoder work (the server reports it)
@@ -218,7 +230,7 @@ class Session:
             return None
         ni, nj, _ = self.volume.shape_ijk
         lo_i, lo_j, hi_i, hi_j = track.roi_box or (0, 0, ni - 1, nj - 1)
-        m = self.margin
+        m = self.walk.margin
         return (max(box[0] - m, lo_i), max(box[1] - m, lo_j), min(box[2] + m, hi_i), min(box[3] + m, hi_j))
 
     def _segment(self, track: Track, k: int, box: Box | None, points=None) -> tuple[np.ndarray, float]:
@@ -243,15 +255,19 @@ class Session:
         track.boxes[k] = box
         return self._segment(track, k, box)
 
-    def _ended(self, track: Track, mask: np.ndarray, iou: float) -> bool:
-        """The structure has ended: an (almost) empty mask, or, without an ROI, a low-confidence one.
+    def _ended(self, track: Track, mask: np.ndarray, iou: float, prev: np.ndarray, largest: int) -> bool:
+        """The structure has ended: an (almost) empty mask, or, without an ROI, one that meets a stop of
+        self.walk (`prev`: the neighbour's mask; `largest`: the pixels of the walk's largest mask so far).
 
-        Inside an ROI the user has said the structure spans the ROI's slices, so the model's own
-        confidence does not stop the walk there (its tips have small, low-confidence masks).
+        Inside an ROI the user has said the structure spans the ROI's slices, so only an empty mask stops
+        the walk there (the structure's tips have small, low-confidence masks).
         """
-        if int(mask.sum()) < self.min_pixels:
+        area = int(mask.sum())
+        if area < self.min_pixels:
             return True
-        return track.roi_box is None and iou < self.stop_iou
+        walk = self.walk
+        return track.roi_box is None and (iou < walk.stop_iou or area < walk.stop_area * largest
+                                          or slice_dice(mask, prev) < walk.stop_overlap)
 
     def _run(self, track: Track, propagate: bool) -> None:
         """Segment every seed, fill the gaps between seeds, extend beyond the outermost ones."""
@@ -292,6 +308,7 @@ class Session:
         """
         lo, hi = track.k_range
         k, prev = start + step, track.masks[start]
+        largest = int(prev.sum())  # the walk's largest mask so far
         seeds = sorted(track.seeds)
         while lo <= k <= hi and k not in track.seeds:
             a = max((s for s in seeds if s < k), default=None)
@@ -299,7 +316,7 @@ class Session:
             inside_gap = a is not None and b is not None
             fallback = self._interpolated_box(track, a, b, k) if inside_gap else None
             mask, iou = self._step(track, k, prev, fallback)
-            if not inside_gap and self._ended(track, mask, iou):
+            if not inside_gap and self._ended(track, mask, iou, prev, largest):
                 # The structure ends here: drop what older propagation left further out.
                 while lo <= k <= hi and k not in track.seeds:
                     track.masks.pop(k, None)
@@ -310,7 +327,7 @@ class Session:
             track.masks[k] = mask
             if only_changes and old is not None and slice_dice(old, mask) >= self.unchanged_dice:
                 return
-            prev, k = mask, k + step
+            prev, k, largest = mask, k + step, max(largest, int(mask.sum()))
 
     def _update_from(self, track: Track, k: int, propagate: bool) -> None:
         """After a new prompt on slice k: re-segment it, then re-propagate both ways while masks change."""

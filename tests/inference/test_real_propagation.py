@@ -29,7 +29,7 @@ def test_spleen_roi_propagated_3d_dice(real_engine, ct_volume, ct_reference, spl
     assert pred.any(axis=(1, 2)).all()  # the spleen is on all 30 slices, and so is the mask
     # Each slice away from the seed was prompted with its neighbour's mask box widened by the margin, within the ROI.
     track = session.tracks[SPLEEN]
-    assert session.margin == 3  # the backbone's (msa.session.propagation_defaults)
+    assert session.walk.margin == 3  # the backbone's (msa.session.propagation_defaults)
     (seed,) = track.seeds
     for k, box in track.boxes.items():
         if k != seed:

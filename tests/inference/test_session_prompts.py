@@ -6,12 +6,14 @@ import math
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
+import torch
 
 import msa
 from msa.engine import Engine
+from msa.io import Volume
 from msa.modeling.build import default_adapters
-from msa.session import (ADAPTERS_MARGIN, ADAPTERS_STOP_IOU, BACKBONE_MARGIN, BACKBONE_STOP_IOU, Session,
-                         propagation_defaults)
+from msa.session import ADAPTERS_WALK, BACKBONE_WALK, Session, Walk, propagation_defaults, slice_dice
 
 # tiny_volume: 6 slices of 24 rows x 32 columns -> shape_ijk (32, 24, 6)
 
@@ -202,9 +204,48 @@ def test_propagation_defaults_follow_the_model(tiny_volume):
     backbone = msa.build_model("lite_medsam")
     shipped = msa.build_model("lite_medsam", adapters=default_adapters("lite_medsam"))
     assert backbone.adapters_add_nothing() and not shipped.adapters_add_nothing()
-    assert propagation_defaults(backbone) == (BACKBONE_MARGIN, BACKBONE_STOP_IOU) == (3, 0.5)
-    assert propagation_defaults(shipped) == (ADAPTERS_MARGIN, ADAPTERS_STOP_IOU) == (1, 0.6)
-    session = Session(Engine(shipped), tiny_volume)
-    assert (session.margin, session.stop_iou) == (1, 0.6)
-    told = Session(Engine(shipped), tiny_volume, margin=2, stop_iou=0.3)
-    assert (told.margin, told.stop_iou) == (2, 0.3)
+    assert propagation_defaults(backbone) == BACKBONE_WALK == (3, 0.5, 0, 0)
+    assert propagation_defaults(shipped) == ADAPTERS_WALK == (1, 0.6, 0.3, 0.5)
+    assert Session(Engine(shipped), tiny_volume).walk == ADAPTERS_WALK
+    told = Session(Engine(shipped), tiny_volume, margin=2, stop_iou=0.3, stop_overlap=0.1)
+    assert told.walk == Walk(margin=2, stop_iou=0.3, stop_area=0.3, stop_overlap=0.1)
+
+
+@pytest.mark.parametrize("stop", ["stop_area", "stop_overlap"])
+def test_a_walk_stops_at_the_first_slice_that_meets_a_stop(stop):
+    """Without an ROI a walk ends at the first slice whose mask is smaller than stop_area times the largest mask on
+    that walk so far (the seed's included), or overlaps its neighbour's (Dice) less than stop_overlap, and drops
+    that slice; up to there it is the walk without the stop. Checked against the same walk run without the stops
+    (this random model's masks vary in size and place from slice to slice)."""
+    torch.manual_seed(2)
+    engine = Engine(msa.build_model("vit_tiny", pretrained=False))
+    rng = np.random.default_rng(0)
+    volume = Volume(rng.normal(0, 50, (16, 40, 48)).astype(np.float32), sitk.Image(48, 40, 16, sitk.sitkFloat32), "ct")
+    # Here the area stop ends one walk on the seed's mask and the other on a larger one's; the overlap stop
+    # ends one walk on its first slice and the other on its second.
+    seed, value = 9, {"stop_area": 0.9, "stop_overlap": 0.65}[stop]
+    no_stops = {"stop_iou": -1.0, "stop_area": 0.0, "stop_overlap": 0.0}
+    free = Session(engine, volume, **no_stops)
+    free.add_point((14, 16, seed))
+    masks = free.mask()
+    assert masks.any(axis=(1, 2)).all()  # without the stops the walk reaches both ends of the image
+
+    expected = np.zeros(len(masks), dtype=bool)
+    expected[seed] = True
+    for step in (-1, 1):
+        largest, k = masks[seed].sum(), seed + step
+        while 0 <= k < len(masks):
+            area, overlap = masks[k].sum(), slice_dice(masks[k], masks[k - step])
+            if (area < value * largest) if stop == "stop_area" else (overlap < value):
+                break
+            expected[k], largest, k = True, max(largest, area), k + step
+    assert 1 < expected.sum() < len(masks) - 1  # the stop cuts a walk, and not at its first slice
+
+    stopped = Session(engine, volume, **{**no_stops, stop: value})
+    stopped.add_point((14, 16, seed))
+    assert np.array_equal(stopped.mask().any(axis=(1, 2)), expected)
+    assert np.array_equal(stopped.mask()[expected], masks[expected])
+
+    inside = Session(engine, volume, **{**no_stops, stop: value})
+    inside.add_roi([0, 47, 0, 39, 0, 15])  # an ROI says where the structure is: the stops do not apply
+    assert inside.mask().any(axis=(1, 2)).all()
