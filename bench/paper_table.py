@@ -3,7 +3,7 @@
     python bench/paper_table.py [--data BTCV_DATALIST] [--adapters FILE] [--three-d] [--cache-dir DIR]
                                 [--protocols click1,click3,box] [--json-out FILE]
     python bench/paper_table.py --protocols roi,3d-click --backbone-protocols "" [--three-d --adapters FILE]
-                                [--margin N] [--stop-iou X]
+                                [--margin N] [--stop-iou X] [--stop-area F] [--stop-overlap D]
 
 Rows: MSA (the shipped or given adapters) and the LiteMedSAM backbone alone, under the protocols of
 `msa eval` (slice-wise Dice on every axial slice holding at least 10 voxels of the organ; one click at

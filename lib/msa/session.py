@@ -37,6 +37,12 @@ class Walk(NamedTuple):
     stop_area: float  # the mask is smaller than this fraction of the largest mask on the walk so far
     stop_overlap: float  # the mask overlaps its neighbour's (Dice) less than this
 
+    def ends_at(self, mask: np.ndarray, iou: float, prev: np.ndarray, largest: int) -> bool:
+        """Whether a walk without an ROI ends at this slice's mask (`prev`: the neighbour's mask, whose box
+        prompted it; `largest`: the pixels of the walk's largest mask so far)."""
+        return (iou < self.stop_iou or int(mask.sum()) < self.stop_area * largest
+                or slice_dice(mask, prev) < self.stop_overlap)
+
 
 # The walk each model goes best with, measured on BTCV validation with 3D Dice (README, "The propagation margin"
 # and "Where a 3D click's walk stops"; `python bench/paper_table.py --protocols roi,3d-click`):
@@ -46,8 +52,9 @@ class Walk(NamedTuple):
 #   at 0.964 where 1 gave 0.525.
 # - stops: the adapters' walks ran on past their structures (by up to 34 slices at an end on average) into the
 #   next one. Stop IoU 0.3 / 0.5 / 0.6 / 0.7 gave 3D click 0.482 / 0.585 / 0.620 / 0.626 (0.7 cut the liver
-#   short); a mask shrunk to a sliver of the walk's largest, or one that has moved off its neighbour, is the
-#   next structure's edge, not this one's: with both stops, 0.654 (CHAOS MR validation 0.696 -> 0.783).
+#   short). A mask shrunk to a sliver of the walk's largest, or one that has moved off its neighbour, is the
+#   next structure's edge, not this one's: the area and overlap stops (chosen on BTCV training cases,
+#   `python bench/walk_stops.py`) gave 0.656, and CHAOS MR validation 0.696 -> 0.783.
 #   The backbone's stops were not measured again: as they were, IoU only.
 ADAPTERS_WALK = Walk(margin=1, stop_iou=0.6, stop_area=0.3, stop_overlap=0.5)
 BACKBONE_WALK = Walk(margin=3, stop_iou=0.5, stop_area=0.0, stop_overlap=0.0)
@@ -257,17 +264,14 @@ class Session:
 
     def _ended(self, track: Track, mask: np.ndarray, iou: float, prev: np.ndarray, largest: int) -> bool:
         """The structure has ended: an (almost) empty mask, or, without an ROI, one that meets a stop of
-        self.walk (`prev`: the neighbour's mask; `largest`: the pixels of the walk's largest mask so far).
+        self.walk (Walk.ends_at).
 
         Inside an ROI the user has said the structure spans the ROI's slices, so only an empty mask stops
         the walk there (the structure's tips have small, low-confidence masks).
         """
-        area = int(mask.sum())
-        if area < self.min_pixels:
+        if int(mask.sum()) < self.min_pixels:
             return True
-        walk = self.walk
-        return track.roi_box is None and (iou < walk.stop_iou or area < walk.stop_area * largest
-                                          or slice_dice(mask, prev) < walk.stop_overlap)
+        return track.roi_box is None and self.walk.ends_at(mask, iou, prev, largest)
 
     def _run(self, track: Track, propagate: bool) -> None:
         """Segment every seed, fill the gaps between seeds, extend beyond the outermost ones."""
