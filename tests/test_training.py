@@ -316,7 +316,7 @@ def test_eval_3d_click_takes_the_walk_settings(tmp_path: Path) -> None:
     stopped = evaluate(engine, cases, "3d-click")["mean_dice"]
     walked = evaluate(engine, cases, "3d-click", walk={"stop_iou": -1.0})["mean_dice"]
     assert walked > stopped, (walked, stopped)
-    assert evaluate(engine, cases, "3d-click", walk={"stop_iou": -1.0, "margin": 0})["mean_dice"] != walked  # default: 3
+    assert evaluate(engine, cases, "3d-click", walk={"stop_iou": -1.0, "margin": 0})["mean_dice"] != walked  # was 3
     assert evaluate(engine, cases, "3d-click", walk={"stop_iou": -1.0, "stop_area": 1.0})["mean_dice"] != walked
 
 

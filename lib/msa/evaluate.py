@@ -83,8 +83,8 @@ def evaluate(
     returns the JSON-ready summary. refine_clicks: as Engine.predict's, for the slice click protocols.
     named: every prompt of a structure whose name the adapters learnt (engine.model.targets) also names it,
     as a target prompt; other structures get plain prompts (what the Slicer extension sends).
-    walk: the 3D protocols' propagation settings, as Session's keywords (margin, stop_iou, stop_area, stop_overlap); those not
-    given are the model's (msa.session.propagation_defaults)."""
+    walk: the 3D protocols' propagation settings as Session's keywords (margin, stop_iou, stop_area,
+    stop_overlap); those not given are the model's (msa.session.propagation_defaults)."""
     if protocol not in PROTOCOLS:
         raise MSAError(f"unknown prompt protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if named and not engine.model.targets:
