@@ -1,6 +1,6 @@
 """Where a 3D click's walk should stop: 3D Dice of stop settings, each on the same walks.
 
-    python bench/walk_stops.py [--adapters FILE] [--cache-dir DIR] [--walks DIR] [--sources btcv-chosen,...]
+    python bench/walk_stops.py [--adapters FILE [--three-d]] [--cache-dir DIR] [--walks DIR] [--sources btcv-chosen,...]
 
 A walk's mask on a slice depends only on its neighbour's mask, so a stricter stop only cuts a walk
 short. One permissive walk per structure (one click at its interior-most voxel, as `msa eval --prompt
@@ -141,27 +141,33 @@ def main() -> None:
     data_dir = Path(os.environ.get("MSA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapters", help="default: the adapters shipped for lite_medsam")
+    parser.add_argument("--three-d", action="store_true", help="the depth branch on (a 3D adapters file)")
     parser.add_argument("--cache-dir", default=os.environ.get("MSA_CACHE_DIR"))
     parser.add_argument("--walks", default=str(Path.home() / ".cache" / "msa" / "walks"),
                         help="where the permissive walks are stored, per adapters file, margin and source")
     parser.add_argument("--sources", default="btcv-chosen,btcv-validation,chaos-validation")
     args = parser.parse_args()
+    known = sources(data_dir)
+    unknown = set(args.sources.split(",")) - set(known)
+    if unknown:
+        parser.error(f"unknown sources {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
 
-    adapters = Path(args.adapters or default_adapters("lite_medsam", False))
-    engine = Engine(build_model("lite_medsam", adapters=adapters),
+    adapters = Path(args.adapters or default_adapters("lite_medsam", args.three_d))
+    engine = Engine(build_model("lite_medsam", adapters=adapters, three_d=args.three_d),
                     store=FeatureStore(args.cache_dir) if args.cache_dir else None)
     # Stored walks belong to these adapters and this margin: another file or margin walks anew.
-    walks_key = f"{adapters.stem}-{hashlib.sha1(adapters.read_bytes()).hexdigest()[:10]}-margin{BASE.margin}"
+    walks_key = (f"{adapters.stem}-{hashlib.sha1(adapters.read_bytes()).hexdigest()[:10]}-margin{BASE.margin}"
+                 + ("-3d" if args.three_d else ""))
     table = {}
     for name in args.sources.split(","):
-        source = parse_source(sources(data_dir)[name])
+        source = parse_source(known[name])
         folder = Path(args.walks) / walks_key / name
         print(f"{name}: {len(source.cases)} cases", flush=True)
         run_walks(engine, source, folder)
         table[name] = score(folder, source, by_column=name.startswith("btcv"))
 
     print(f"\n3D click, 3D Dice (mean over the paper's 12 columns for BTCV, the structures for CHAOS); "
-          f"margin {BASE.margin}; adapters: {adapters}\n")
+          f"margin {BASE.margin}; adapters: {adapters}{' (3D)' if args.three_d else ''}\n")
     print("| stops | " + " | ".join(table) + " |")
     print("|---" * (len(table) + 1) + "|")
     for row in SETTINGS:
