@@ -44,6 +44,7 @@ SETTINGS = {  # row -> the walk scored
     "+ area 0.3 + overlap 0.5, IoU 0.65": BASE._replace(stop_iou=0.65, stop_area=0.3, stop_overlap=0.5),
     "+ area 0.2 + overlap 0.5": BASE._replace(stop_area=0.2, stop_overlap=0.5),
     "+ area 0.3 + overlap 0.4": BASE._replace(stop_area=0.3, stop_overlap=0.4),
+    "IoU 0.3 only (the stored walks)": BASE._replace(stop_iou=0.3),
     "IoU 0.5 only": BASE._replace(stop_iou=0.5),
     "IoU 0.7 only": BASE._replace(stop_iou=0.7),
 }
