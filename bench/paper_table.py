@@ -23,10 +23,12 @@ import time
 from pathlib import Path
 
 from msa import build_model
+from msa.cli import add_walk_options, walk_settings
 from msa.data import parse_source
 from msa.engine import Engine
 from msa.evaluate import evaluate
 from msa.modeling.build import default_adapters
+from msa.session import Walk
 from msa.store import FeatureStore
 
 COLUMNS = {  # the paper's column -> BTCV label names
@@ -59,14 +61,7 @@ def main() -> None:
     parser.add_argument("--three-d", action="store_true")
     parser.add_argument("--protocols", default="click1,click3,box")
     parser.add_argument("--backbone-protocols", default="click1,box", help="the backbone alone under these")
-    parser.add_argument("--margin", type=int,
-                        help="the 3D protocols' propagation margin in voxels (default: each model's, as msa.session)")
-    parser.add_argument("--stop-iou", type=float,
-                        help="the 3D click's walk stops below this predicted IoU (default: each model's, as msa.session)")
-    parser.add_argument("--stop-area", type=float, help="... or where its mask is smaller than this fraction of the "
-                        "walk's largest (default: each model's, as msa.session)")
-    parser.add_argument("--stop-overlap", type=float, help="... or where its mask overlaps its neighbour's less than "
-                        "this Dice (default: each model's, as msa.session)")
+    add_walk_options(parser)  # the 3D protocols' walk (default: each model's, as msa.session)
     parser.add_argument("--cache-dir", default=os.environ.get("MSA_CACHE_DIR"))
     parser.add_argument("--json-out")
     args = parser.parse_args()
@@ -78,9 +73,7 @@ def main() -> None:
     backbone = Engine(build_model("lite_medsam"), cache=msa_engine.cache, store=store, progress=True)
     runs = [("MSA", msa_engine, p) for p in args.protocols.split(",") if p] + \
            [("LiteMedSAM", backbone, p) for p in args.backbone_protocols.split(",") if p]
-    given = {"margin": args.margin, "stop_iou": args.stop_iou, "stop_area": args.stop_area,
-             "stop_overlap": args.stop_overlap}
-    walk = {key: value for key, value in given.items() if value is not None}
+    walk = walk_settings(args)
     results = {}
     for name, engine, protocol in runs:
         start = time.time()
@@ -88,7 +81,8 @@ def main() -> None:
         results[f"{name} ({PROTOCOL_NAMES[protocol]})"] = {**columns(summary), "seconds": round(time.time() - start)}
 
     header = list(COLUMNS) + ["Avg"]
-    settings = ", ".join(f"{key.replace('_', ' ').replace('iou', 'IoU')} {walk.get(key, 'per model')}" for key in given)
+    settings = ", ".join(f"{key.replace('_', ' ').replace('iou', 'IoU')} {walk.get(key, 'per model')}"
+                         for key in Walk._fields)
     print(f"BTCV validation ({', '.join(c.name for c in source.cases)}), slice-wise Dice (3D Dice for the 3D "
           f"protocols, propagation {settings}); adapters: {adapters}{' (3D)' if args.three_d else ''}\n")
     print("| model | " + " | ".join(header) + " |")

@@ -314,10 +314,33 @@ def test_eval_3d_click_takes_the_walk_settings(tmp_path: Path) -> None:
     cases = load_cases(write_pair(tmp_path))
     engine = tiny_engine()
     stopped = evaluate(engine, cases, "3d-click")["mean_dice"]
-    walked = evaluate(engine, cases, "3d-click", walk={"stop_iou": -1.0})["mean_dice"]
+    walked = evaluate(engine, cases, "3d-click", walk={"stop_iou": 0.0})["mean_dice"]
     assert walked > stopped, (walked, stopped)
-    assert evaluate(engine, cases, "3d-click", walk={"stop_iou": -1.0, "margin": 0})["mean_dice"] != walked  # was 3
-    assert evaluate(engine, cases, "3d-click", walk={"stop_iou": -1.0, "stop_area": 1.0})["mean_dice"] != walked
+    assert evaluate(engine, cases, "3d-click", walk={"stop_iou": 0.0, "margin": 0})["mean_dice"] != walked  # was 3
+    assert evaluate(engine, cases, "3d-click", walk={"stop_iou": 0.0, "stop_area": 1.0})["mean_dice"] != walked
+
+
+def test_msa_eval_walk_options_reach_the_walk(tmp_path: Path, capsys) -> None:
+    """msa eval --margin / --stop-iou give what evaluate(walk=...) gives with the same model (vit_tiny, seed 0:
+    tiny_engine's), each setting its own number; a value out of range is refused before anything loads."""
+    from msa.data import load_cases
+    from msa.evaluate import evaluate
+
+    data = write_pair(tmp_path)
+
+    def cli(*walk: str) -> float:
+        torch.manual_seed(0)
+        assert msa.cli.main(["eval", data, "--prompt", "3d-click", "--backbone", "vit_tiny", "--json", *walk]) == 0
+        return json.loads(capsys.readouterr().out)["mean_dice"]
+
+    cases = load_cases(data)
+    settings = [([], {}), (["--stop-iou", "0"], {"stop_iou": 0.0}),
+                (["--stop-iou", "0", "--margin", "0"], {"stop_iou": 0.0, "margin": 0})]
+    scores = [cli(*options) for options, _ in settings]
+    assert scores == [evaluate(tiny_engine(), cases, "3d-click", walk=walk)["mean_dice"] for _, walk in settings]
+    assert len(set(scores)) == 3, scores
+    assert msa.cli.main(["eval", str(tmp_path / "missing.nii.gz"), "--stop-overlap", "2"]) == 2
+    assert "stop_overlap must lie in [0, 1], got 2.0" in capsys.readouterr().err
 
 
 def test_zoom_in_plane_pads_or_crops_image_and_labels_together() -> None:

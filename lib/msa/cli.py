@@ -109,10 +109,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     prompts = [_parse_point(p) for p in args.point]
     roi = _parse_roi(args.roi) if args.roi else None
+    walk = walk_settings(args)
     if not prompts and roi is None:
         raise MSAError("give at least one --point or an --roi")
     volume = load_image(args.image, modality=args.modality)
-    session = Session(_engine(args), volume)
+    session = Session(_engine(args), volume, **walk)
     session.set_target(args.text, label=args.label)
     if roi is not None:
         session.add_roi(roi, label=args.label, propagate=not args.no_propagate)
@@ -131,9 +132,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import parse_source
     from .evaluate import evaluate, markdown_table
 
+    walk = walk_settings(args)
     source = parse_source(args.data, split=args.split, labels=args.labels)
     report = Path(args.report) if args.report else None
-    summary = evaluate(_engine(args), source, args.prompt, noc=args.noc, report_dir=report, named=args.named)
+    summary = evaluate(_engine(args), source, args.prompt, noc=args.noc, report_dir=report, named=args.named,
+                       walk=walk)
     print(json.dumps(summary, indent=1) if args.json else markdown_table(summary))
     return 0
 
@@ -257,6 +260,28 @@ def _model_options(parser: argparse.ArgumentParser, runtime: bool = False) -> No
                             help="encoder precision with openvino (default fp32, exact; bf16 where the CPU has it)")
 
 
+def add_walk_options(parser: argparse.ArgumentParser) -> None:
+    """How propagation walks away from the prompted slices (msa.session.Walk); unset: the model's own."""
+    parser.add_argument("--margin", type=int, metavar="N",
+                        help="voxels added around a neighbour's mask for the next slice's box (default: the model's)")
+    parser.add_argument("--stop-iou", type=float, metavar="X",
+                        help="a walk without an ROI ends below this predicted IoU (default: the model's)")
+    parser.add_argument("--stop-area", type=float, metavar="F", help="... or where its mask is smaller than this "
+                        "fraction of the walk's largest mask (default: the model's)")
+    parser.add_argument("--stop-overlap", type=float, metavar="D", help="... or where its mask overlaps its "
+                        "neighbour's by a Dice below this (default: the model's)")
+
+
+def walk_settings(args: argparse.Namespace) -> dict:
+    """The walk options given (add_walk_options), as msa.session.Session's keywords; MSAError for a value
+    out of range, before anything is loaded."""
+    from .session import ADAPTERS_WALK, Walk
+
+    given = {key: getattr(args, key) for key in Walk._fields if getattr(args, key) is not None}
+    ADAPTERS_WALK._replace(**given).checked()
+    return given
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="msa", description="Medical SAM Adapter: interactive medical segmentation")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -272,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "adapters' target names (msa params --checkpoint ADAPTERS)")
     segment.add_argument("--modality", choices=["ct", "mr", "rgb"], help="intensity preset (default: detected)")
     segment.add_argument("--no-propagate", action="store_true", help="segment the prompted slices only")
+    add_walk_options(segment)
     _model_options(segment, runtime=True)
     segment.set_defaults(func=_cmd_segment)
 
@@ -286,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="every prompt also names its structure (adapters with target prompts)")
     evaluate.add_argument("--report", metavar="DIR", help="write report.md and overlay PNGs here")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    add_walk_options(evaluate)
     _model_options(evaluate, runtime=True)
     evaluate.set_defaults(func=_cmd_eval)
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .engine import Engine
-from .errors import PromptError
+from .errors import MSAError, PromptError
 from .io import Volume
 
 Box = tuple[float, float, float, float]  # (i0, j0, i1, j1) on one slice, inclusive voxel indices
@@ -42,6 +42,15 @@ class Walk(NamedTuple):
         prompted it; `largest`: the pixels of the walk's largest mask so far)."""
         return (iou < self.stop_iou or int(mask.sum()) < self.stop_area * largest
                 or slice_dice(mask, prev) < self.stop_overlap)
+
+    def checked(self) -> Walk:
+        """This walk, or an MSAError naming the setting that is out of range."""
+        if not (isinstance(self.margin, (int, np.integer)) and self.margin >= 0):
+            raise MSAError(f"the propagation margin must be a whole number of voxels >= 0, got {self.margin!r}")
+        for name in ("stop_iou", "stop_area", "stop_overlap"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise MSAError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        return self
 
 
 # The walk each model goes best with, measured on BTCV validation with 3D Dice (README, "The propagation margin"
@@ -105,7 +114,7 @@ class Session:
         self.engine = engine
         self.volume = volume
         given = Walk(margin, stop_iou, stop_area, stop_overlap)  # see Walk; None: the model's default
-        self.walk = Walk(*(d if g is None else g for g, d in zip(given, propagation_defaults(engine.model))))
+        self.walk = Walk(*(d if g is None else g for g, d in zip(given, propagation_defaults(engine.model)))).checked()
         self.min_pixels = min_pixels  # a smaller mask means the structure has ended
         self.unchanged_dice = unchanged_dice  # a re-propagated slice this close to before: stop
         self.tracks: dict[int, Track] = {}

@@ -55,6 +55,9 @@ SEGMENT_CASES = {
     "roi outside": (["--roi", "200,300,1,10,0,3"], "outside the image"),
     "zero-width roi": (["--roi", "5,5,1,10,0,3"], "empty"),
     "no prompt": ([], "give at least one --point or an --roi"),
+    "negative margin": (["--point", "5,5,3", "--margin", "-1"], "margin must be a whole number of voxels >= 0"),
+    "stop IoU above 1": (["--point", "5,5,3", "--stop-iou", "1.5"], "stop_iou must lie in [0, 1]"),
+    "stop area not a number": (["--roi", "1,10,1,10,0,3", "--stop-area", "nan"], "stop_area must lie in [0, 1]"),
 }
 
 

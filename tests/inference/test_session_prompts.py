@@ -224,7 +224,7 @@ def test_a_walk_stops_at_the_first_slice_that_meets_a_stop(stop):
     # Here the area stop ends one walk on the seed's mask and the other on a larger one's; the overlap stop
     # ends one walk on its first slice and the other on its second.
     seed, value = 9, {"stop_area": 0.9, "stop_overlap": 0.65}[stop]
-    no_stops = {"stop_iou": -1.0, "stop_area": 0.0, "stop_overlap": 0.0}
+    no_stops = {"stop_iou": 0.0, "stop_area": 0.0, "stop_overlap": 0.0}
     free = Session(engine, volume, **no_stops)
     free.add_point((14, 16, seed))
     masks = free.mask()
