@@ -343,6 +343,28 @@ def test_msa_eval_walk_options_reach_the_walk(tmp_path: Path, capsys) -> None:
     assert "stop_overlap must lie in [0, 1], got 2.0" in capsys.readouterr().err
 
 
+def test_msa_segment_walk_options_reach_the_walk(tmp_path: Path) -> None:
+    """msa segment --margin / --stop-iou write the masks a Session with the same walk and model gives (vit_tiny,
+    seed 0: its default walk stops after the clicked slice; without the IoU stop it reaches every slice)."""
+    from msa.io import load_image
+    from msa.session import Session
+
+    image, out = write_pair(tmp_path).split(":")[0], tmp_path / "mask.nii.gz"
+    masks = []
+    for options, walk in (([], {}), (["--stop-iou", "0"], {"stop_iou": 0.0}),
+                          (["--stop-iou", "0", "--margin", "0"], {"stop_iou": 0.0, "margin": 0})):
+        torch.manual_seed(0)
+        argv = ["segment", image, "-o", str(out), "--point", "14,16,1", "--backbone", "vit_tiny", *options]
+        assert msa.cli.main(argv) == 0
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0
+        session = Session(tiny_engine(), load_image(image), **walk)
+        session.add_point((14, 16, 1))
+        np.testing.assert_array_equal(written, session.mask(1) > 0)
+        masks.append(written)
+    assert masks[0].any(axis=(1, 2)).sum() == 1 and masks[1].any(axis=(1, 2)).all()
+    assert not np.array_equal(masks[1], masks[2])
+
+
 def test_zoom_in_plane_pads_or_crops_image_and_labels_together() -> None:
     voxels, labels = synthetic_pair()  # (4, 40, 48)
     volume = volume_of(voxels)
