@@ -113,8 +113,9 @@ class Session:
                  unchanged_dice: float = 0.98) -> None:
         self.engine = engine
         self.volume = volume
-        given = Walk(margin, stop_iou, stop_area, stop_overlap)  # see Walk; None: the model's default
-        self.walk = Walk(*(d if g is None else g for g, d in zip(given, propagation_defaults(engine.model)))).checked()
+        given = Walk(margin, stop_iou, stop_area, stop_overlap)._asdict()  # see Walk; None: the model's default
+        self.walk = propagation_defaults(engine.model)._replace(
+            **{key: value for key, value in given.items() if value is not None}).checked()
         self.min_pixels = min_pixels  # a smaller mask means the structure has ended
         self.unchanged_dice = unchanged_dice  # a re-propagated slice this close to before: stop
         self.tracks: dict[int, Track] = {}
